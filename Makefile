@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make quickstart`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast quickstart lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Everything, slow end-to-end tests included (this is what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Unit tests only.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Writes the built-in shapes shards, trains the tiny autoencoder, writes a reconstruction grid.
+quickstart: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python scripts/quickstart.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/autoencoder_step.py
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,100 @@
+"""Exponential moving average of one submodule's weights, kept outside the DDP wrapper.
+
+Written instead of Lightning's `EMAWeightAveraging` because that one averages the whole LightningModule
+(in stage 2 that copies and re-averages the frozen autoencoder and text encoder every step) and replaces the
+checkpoint's `state_dict` with the averages; here only the trained submodule is averaged, the raw weights
+stay the checkpoint's weights, and the EMA sits beside them under `callbacks` with its own step count.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+
+class EMA(L.Callback):
+    """EMA of `pl_module.<attribute>` with the warm-up decay `min(decay, (1 + n) / (10 + n))`.
+
+    The average is used for validation (weights are swapped in and out) and is what samplers load as
+    "EMA weights".
+    """
+
+    def __init__(self, attribute: str = "unet", decay: float = 0.9999, start_step: int = 0,
+                 every_n_steps: int = 1, warmup: bool = True, validate_with_ema: bool = True) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.attribute, self.decay, self.start_step = attribute, decay, start_step
+        self.every_n_steps, self.warmup, self.validate_with_ema = every_n_steps, warmup, validate_with_ema
+        self.ema: nn.Module | None = None
+        self.num_updates = 0
+        self._pending_state: dict[str, Any] | None = None
+        self._last_step = -1
+
+    def _target(self, pl_module: L.LightningModule) -> nn.Module:
+        target = getattr(pl_module, self.attribute, None)
+        if not isinstance(target, nn.Module):
+            raise ValueError(f"EMA(attribute={self.attribute!r}): the LightningModule has no such submodule.")
+        return target
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ema = copy.deepcopy(self._target(pl_module)).requires_grad_(False).eval()
+        if self._pending_state is not None:
+            self._load_into_ema(self._pending_state)
+            self._pending_state = None
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.ema is None or step == self._last_step or step < self.start_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        decay = self.current_decay()
+        ema_p = [p for p in self.ema.parameters()]
+        cur_p = [p.detach() for p in self._target(pl_module).parameters()]
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)  # ema += (1 - decay) * (cur - ema)
+        for b_ema, b in zip(self.ema.buffers(), self._target(pl_module).buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def _swap(self, pl_module: L.LightningModule) -> None:
+        for p_ema, p in zip(self.ema.parameters(), self._target(pl_module).parameters()):
+            tmp = p.detach().clone()
+            p.copy_(p_ema)
+            p_ema.copy_(tmp)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ema is not None and self.validate_with_ema and not trainer.sanity_checking:
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ema is not None and self.validate_with_ema and not trainer.sanity_checking:
+            self._swap(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ema is None:
+            return {}
+        return {"num_updates": self.num_updates, "decay": self.decay, "attribute": self.attribute,
+                "state_dict": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.ema is None:  # restored before fit starts: apply once the copy exists
+            self._pending_state = state_dict
+        else:
+            self._load_into_ema(state_dict)
+
+    def _load_into_ema(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.ema.load_state_dict(state["state_dict"])

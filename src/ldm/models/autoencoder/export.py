@@ -1,0 +1,80 @@
+"""Export a trained autoencoder alone (safetensors + a json card) and load it back for stage 2.
+
+The card carries the architecture, the downsampling factor f, the latent channels c and the latent
+statistics, so stage 2 never takes a latent scale from a config constant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm.models.autoencoder.kl import AutoencoderKL
+
+WEIGHTS, CARD = "autoencoder.safetensors", "autoencoder.json"
+
+
+def weights_hash(autoencoder: AutoencoderKL) -> str:
+    """A short sha256 over every tensor: the autoencoder's identity (checked by latent caches later)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(autoencoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def card(autoencoder: AutoencoderKL, **extra: Any) -> dict[str, Any]:
+    return {
+        "architecture": autoencoder.config,
+        "downsample_factor": autoencoder.downsample_factor,
+        "latent_channels": autoencoder.latent_channels,
+        "latent_scale": float(autoencoder.latent_scale),
+        "latent_mean": autoencoder.latent_mean.tolist(),
+        "latent_std": autoencoder.latent_std.tolist(),
+        "latent_stats_set": bool(autoencoder.latent_stats_set),
+        "weights_sha256": weights_hash(autoencoder),
+        **extra,
+    }
+
+
+def export_autoencoder(autoencoder: AutoencoderKL, out_dir: str | Path, **extra: Any) -> Path:
+    """Write `autoencoder.safetensors` and `autoencoder.json` into `out_dir`; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    (out / CARD).write_text(json.dumps(card(autoencoder, **extra), indent=2))
+    return out
+
+
+def _from_lightning_checkpoint(path: Path) -> AutoencoderKL:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("ldm", {})
+    if meta.get("stage") != "autoencoder" or "autoencoder" not in meta:
+        raise ValueError(f"{path} is not a stage-1 (autoencoder) checkpoint of ldm (no ckpt['ldm']['autoencoder']).")
+    model = AutoencoderKL(**meta["autoencoder"])
+    prefix = "autoencoder."
+    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return model
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """Load from an export directory, its `.safetensors`/`.json`, or a stage-1 Lightning `.ckpt`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Autoencoder checkpoint {path} does not exist. Train stage 1 first "
+                                "(python train.py experiment=autoencoder_kl_f8) or point to its export/ folder.")
+    if path.suffix == ".ckpt":
+        return _from_lightning_checkpoint(path)
+    directory = path if path.is_dir() else path.parent
+    if not (directory / CARD).is_file() or not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"Expected {CARD} and {WEIGHTS} in {directory}.")
+    meta = json.loads((directory / CARD).read_text())
+    model = AutoencoderKL(**meta["architecture"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return model

@@ -1,0 +1,54 @@
+"""Checkpoint helpers: resolve `ckpt_path=last`, and refuse checkpoints built for another architecture."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path | None) -> str | None:
+    """Turn `last` into a file: this run's `last.ckpt`, else the newest one of an earlier run of the same task.
+
+    Any other value must be an existing file; a missing one is an error rather than a silent fresh start.
+    """
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")
+        return str(ckpt_path)
+    own = output_dir / CHECKPOINT_DIR / LAST
+    if own.is_file():
+        return str(own)
+    candidates = sorted(runs_root.glob(f"*/{CHECKPOINT_DIR}/{LAST}"), key=lambda p: p.stat().st_mtime) if runs_root else []
+    if not candidates:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no {CHECKPOINT_DIR}/{LAST} in {output_dir} nor in any run under {runs_root}. "
+            "Start without ckpt_path, or pass an explicit checkpoint file."
+        )
+    return str(candidates[-1])
+
+
+def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two architecture dicts, formatted `key: saved -> current`."""
+    keys = sorted(set(saved) | set(current))
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (json turns tuples into lists)
+    return [f"{k}: {saved.get(k, '<missing>')!r} -> {current.get(k, '<missing>')!r}"
+            for k in keys if norm(saved.get(k)) != norm(current.get(k))]
+
+
+def check_architecture(saved: Mapping[str, Any] | None, current: Mapping[str, Any], what: str) -> None:
+    """Raise a ValueError naming every mismatching constructor argument of `what`."""
+    if saved is None:
+        return
+    diff = config_mismatches(saved, current)
+    if diff:
+        raise ValueError(
+            f"The checkpoint's {what} architecture does not match the configured one "
+            f"(checkpoint -> config): {'; '.join(diff)}. Use the config the checkpoint was trained with, "
+            "or start a fresh run."
+        )
