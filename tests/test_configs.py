@@ -1,0 +1,115 @@
+"""Every experiment composes and instantiates; bad names and offline weights fail with clear messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, ROOT
+from ldm.cli.train import build
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def experiment_overrides(name: str, tmp_path: Path, shapes_root: Path, vgg_file: Path) -> list[str]:
+    """Small data and no downloads; everything else exactly as the experiment says."""
+    out = [f"experiment={name}", f"paths.output_dir={tmp_path}", "logger=csv"]
+    cfg = compose_cfg(f"experiment={name}")
+    if cfg.data._target_.endswith("BuiltinDataModule"):
+        out += [f"data.root={shapes_root}", "data.num_train=256", "data.num_val=64", "data.shard_size=32",
+                "data.resolution=32"]
+    else:
+        out += [f"data.train_shards={shapes_root}/train", f"data.val_shards={shapes_root}/val",
+                "data.min_side=8", "data.num_workers=0", "data.batch_size=2"]
+    if OmegaConf.select(cfg, "model.loss.perceptual") is not None:
+        out.append(f"model.loss.perceptual.vgg_weights={vgg_file}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised torchvision VGG16 `features` state dict: the LPIPS loading path, offline."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16_features.pth"
+    torch.save(torchvision.models.vgg16().features.state_dict(), path)
+    return path
+
+
+def test_there_are_experiments() -> None:
+    assert {"autoencoder_kl_f8", "autoencoder_tiny"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_instantiates(name: str, tmp_path: Path, shapes_root: Path, vgg_file: Path) -> None:
+    cfg = compose_cfg(*experiment_overrides(name, tmp_path, shapes_root, vgg_file), "trainer.accelerator=cpu",
+                      "trainer.precision=32-true", "trainer.devices=1", "trainer.strategy=auto")
+    built = build(cfg)
+    assert isinstance(built.model, torch.nn.Module)
+    assert built.trainer.max_steps == cfg.trainer.max_steps
+    built.datamodule.prepare_data()
+    built.datamodule.setup("fit")
+    batch = next(iter(built.datamodule.train_dataloader()))
+    assert batch["image"].shape[1:] == (3, cfg.data.resolution, cfg.data.resolution)
+
+
+def test_real_scale_autoencoder_geometry(tmp_path: Path, shapes_root: Path, vgg_file: Path) -> None:
+    """experiment=autoencoder_kl_f8 builds SD's f8 c4 autoencoder (83.65M parameters) at 256 px."""
+    cfg = compose_cfg(*experiment_overrides("autoencoder_kl_f8", tmp_path, shapes_root, vgg_file))
+    assert cfg.data.resolution == 256 and cfg.trainer.accelerator == "gpu"
+    ae = hydra.utils.instantiate(cfg.model).autoencoder
+    assert ae.downsample_factor == 8 and ae.latent_channels == 4
+    assert abs(sum(p.numel() for p in ae.parameters()) - 83_653_863) < 10
+
+
+def test_offline_lpips_fails_fast_with_the_config_key(tmp_path: Path, shapes_root: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    cfg = compose_cfg("experiment=autoencoder_kl_f8", f"paths.output_dir={tmp_path}", "logger=csv",
+                      f"data.train_shards={shapes_root}/train")
+    start = time.time()
+    with pytest.raises(Exception, match="model.loss.perceptual.vgg_weights"):
+        hydra.utils.instantiate(cfg.model)
+    assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp"])
+@pytest.mark.parametrize("logger", ["wandb", "csv", "none"])
+def test_trainer_and_logger_groups_compose(trainer: str, logger: str, tmp_path: Path) -> None:
+    cfg = compose_cfg(f"trainer={trainer}", f"logger={logger}", f"paths.output_dir={tmp_path}")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.use_distributed_sampler is False
+
+
+def test_slurm_launcher_composes(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                                      f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 4
+
+
+def test_unknown_config_name_lists_choices() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model/autoencoder=kl_f9_c4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "kl_f9_c4" in proc.stderr and "kl_f8_c4" in proc.stderr and "kl_f4_c3" in proc.stderr
+
+
+def test_unknown_experiment_lists_choices() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "autoencoder_tiny" in proc.stderr
