@@ -1,0 +1,93 @@
+"""LightningDataModule around `ShardLoader`: train/val image-caption batches from WebDataset shards, split
+across DDP ranks and DataLoader workers without needing torch.distributed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as L
+
+from ldm.data.shards import expand_urls
+from ldm.data.webdataset import DEFAULT_MAX_PIXELS, ShardLoader
+
+
+class WebDataModule(L.LightningDataModule):
+    """Batches are dicts: image (B, 3, H, W) in [-1, 1], caption list[str], key list[str], skips dict.
+
+    Epoch-mode lengths vary slightly per epoch (shards are reshuffled); with the Trainer's
+    `reload_dataloaders_every_n_epochs=1` Lightning runs each epoch's exact length (reloading is free here).
+
+    Args:
+        train_shards: brace pattern (`shards/{00000..00099}.tar`), directory, list, or URLs/`pipe:`.
+        mode: "epoch" (each sample at most once per epoch, equal batch counts on all ranks) or "resampled"
+            (infinite stream, `batches_per_epoch` batches per rank).
+        min_side: images whose shorter side is below this are skipped as too_small.
+        max_pixels: images above this many pixels (from the header, before decoding) are skipped as too_large.
+        metadata_filters: json thresholds, e.g. {"min_width": 256, "aesthetic": 5.0} (json[key] >= value).
+    """
+
+    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None, resolution: int,
+                 batch_size: int, num_workers: int = 2, mode: Literal["epoch", "resampled"] = "epoch",
+                 batches_per_epoch: int | None = None, val_batch_size: int | None = None,
+                 crop: Literal["center", "random"] = "random", flip: bool = True, min_side: int = 8,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, metadata_filters: dict[str, float] | None = None,
+                 samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
+        self.mode, self.batches_per_epoch = mode, batches_per_epoch
+        self.val_batch_size = val_batch_size or batch_size
+        self.crop, self.flip, self.min_side, self.max_pixels = crop, flip, min_side, max_pixels
+        self.metadata_filters = dict(metadata_filters) if metadata_filters else None
+        self.samples_per_shard, self.shuffle_buffer, self.seed = samples_per_shard, shuffle_buffer, seed
+        self.pin_memory = pin_memory
+        self.train_loader: ShardLoader | None = None
+        self.val_loader: ShardLoader | None = None
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _common(self, rank: int, world_size: int) -> dict:
+        return {"resolution": self.resolution, "rank": rank, "world_size": world_size, "min_side": self.min_side,
+                "max_pixels": self.max_pixels, "metadata_filters": self.metadata_filters,
+                "samples_per_shard": self.samples_per_shard, "pin_memory": self.pin_memory, "seed": self.seed}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Expand and check the shard lists now, so a wrong path fails before training starts."""
+        rank, world_size = self._rank()
+        common = self._common(rank, world_size)
+        if stage in (None, "fit") and self.train_loader is None:
+            self.train_loader = ShardLoader(
+                self.train_shards, batch_size=self.batch_size, mode=self.mode, num_workers=self.num_workers,
+                batches_per_epoch=self.batches_per_epoch, shuffle=True, shuffle_buffer=self.shuffle_buffer,
+                crop=self.crop, flip=self.flip, **common)
+        if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_loader is None:
+            self.val_loader = self._make_val_loader(common, world_size)
+
+    def _make_val_loader(self, common: dict, world_size: int) -> ShardLoader:
+        # Validation sets are often one or two shards: use only as many workers as the split allows.
+        num_shards = len(expand_urls(self.val_shards))  # type: ignore[arg-type]
+        workers = min(self.num_workers, num_shards // world_size)
+        return ShardLoader(self.val_shards, batch_size=self.val_batch_size, mode="epoch", num_workers=workers,
+                           shuffle=False, shuffle_buffer=0, drop_last=world_size > 1, crop="center", flip=False,
+                           **common)
+
+    def train_dataloader(self) -> ShardLoader:
+        if self.train_loader is None:
+            self.setup("fit")
+        assert self.train_loader is not None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # so len() is this epoch's when Lightning reloads loaders every epoch
+            self.train_loader.set_epoch(trainer.current_epoch)
+        return self.train_loader
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if self.val_shards is None:
+            return []
+        if self.val_loader is None:
+            self.setup("validate")
+        assert self.val_loader is not None
+        return self.val_loader

@@ -1,0 +1,397 @@
+"""Image-caption batches from WebDataset shards (img2dataset layout) with explicit rank/worker shard assignment,
+skip counting by cause and equal-length epochs across DDP ranks.
+
+Epoch length (mode="epoch"): a shard's size is `successes` from the `NNNNN_stats.json` beside it, else the
+number of distinct keys in the local tar's headers; remote shards without stats need `samples_per_shard` (or
+mode="resampled"). Shards are permuted with (seed, epoch), identically on every rank, and shard i of the
+permutation goes to slot i mod (world_size * num_workers), slot = worker * world_size + rank. Each worker
+batches its own samples and drops its partial batch, so rank r owns sum_w floor(n_rw / batch_size) batches and
+every rank yields exactly the minimum of that over ranks. A rank with more drops the rest for this epoch (the
+next permutation brings them back); a rank left short by skipped samples restarts its stream from the start,
+and each such batch carries skips["padded_batches"] = 1 (a count of batches, not samples). The count can
+differ by a batch or two between epochs; Lightning reads len() once unless reload_dataloaders_every_n_epochs=1
+(then each epoch is exact), otherwise it cuts longer epochs at the first one's length; all ranks agree either way.
+
+Skip counts: batch["skips"] holds the samples its worker skipped since that worker's previous batch, by cause
+(SKIP_CAUSES). A worker holds each full batch back until its next one is full or its stream ends, so skips
+after its last batch ride on that batch; they are lost only when no further batch of that worker is consumed
+(the surplus batches a rank drops, or a loop that stops early).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from functools import partial
+from itertools import islice
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from ldm.data.shards import expand_urls, shard_sample_counts
+from ldm.data.transforms import ImageTransform, SkipSample, to_unit_range
+
+SKIP_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "bad_shard",
+               "filtered", "padded_batches")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
+_MAX_CONSECUTIVE_SKIPS = 10_000  # resampled mode: give up instead of spinning on unusable data
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shard assignment and epoch length
+
+
+def _slots(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"need 0 <= rank < world_size and 0 <= worker < num_workers, got rank={rank}, "
+                         f"world_size={world_size}, worker={worker}, num_workers={num_workers}")
+    # Interleave ranks within each worker index so ranks get near-equal shard counts.
+    return worker * world_size + rank, world_size * num_workers
+
+
+def _shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed % 2**63, epoch]).permutation(num_shards).tolist()
+
+
+def assign_shards(urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int,
+                  epoch: int, seed: int, shuffle: bool) -> list[str]:
+    """This worker's shards: one (seed, epoch) permutation shared by all ranks, split into disjoint slots."""
+    slot, num_slots = _slots(rank, world_size, worker, num_workers)
+    return [urls[i] for i in _shard_order(len(urls), epoch, seed, shuffle)[slot::num_slots]]
+
+
+def rank_batches(counts: Sequence[int], *, world_size: int, num_workers: int, batch_size: int, epoch: int,
+                 seed: int, shuffle: bool, drop_last: bool = True) -> list[int]:
+    """Batches each rank's workers produce from `counts` samples per shard (partial batches per worker)."""
+    workers, order = max(1, num_workers), _shard_order(len(counts), epoch, seed, shuffle)
+    per_rank = []
+    for rank in range(world_size):
+        total = 0
+        for worker in range(workers):
+            slot, num_slots = _slots(rank, world_size, worker, workers)
+            n = sum(counts[i] for i in order[slot::num_slots])
+            total += n // batch_size if drop_last else -(-n // batch_size)
+        per_rank.append(total)
+    return per_rank
+
+
+def derive_seed(seed: int, rank: int, worker: int, epoch: int, stream: int = 0) -> int:
+    """A 32-bit seed for one (seed, rank, worker, epoch) and purpose `stream`, independent across all five."""
+    entropy = [seed % 2**63, rank, worker, epoch, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _init_worker(worker_id: int, *, seed: int, rank: int, epoch: int, max_pixels: int) -> None:
+    torch.set_num_threads(1)  # two busy workers on two cores slow each other down several times otherwise
+    s = derive_seed(seed, rank, worker_id, epoch, stream=0)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    # Our header check enforces max_pixels; PIL's error (at 2x its limit) then only fires on worse bombs.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and decoding
+
+
+def _open(url: str):
+    if url.startswith("s3://"):  # gopen has no s3 scheme; stream through the AWS CLI instead
+        url = f"pipe:aws s3 cp {url} -"
+    return gopen(url)
+
+
+def _group_by_key(entries: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    sample: dict[str, Any] | None = None
+    for entry in entries:
+        key, ext = base_plus_ext(entry["fname"])
+        if key is None:
+            continue
+        if sample is not None and key != sample["__key__"]:
+            yield sample
+            sample = None
+        sample = sample or {"__key__": key, "__url__": url}
+        sample[ext.lower()] = entry["data"]
+    if sample is not None:  # not reached when the tar breaks: a half-read sample goes down with its shard
+        yield sample
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any] | str]:
+    """Raw samples {"__key__", ext: bytes} of one shard; a shard that fails ends with the cause "bad_shard"."""
+    try:
+        stream = _open(url)
+    except (OSError, ValueError):
+        yield "bad_shard"
+        return
+    try:
+        yield from _group_by_key(tar_file_iterator(stream), url)
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        yield "bad_shard"
+    finally:
+        # A pipe we stop reading early reports its SIGPIPE exit here; failed reads were already counted above.
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in items:
+        if isinstance(item, str):  # skip causes pass straight through
+            yield item
+            continue
+        buffer.append(item)
+        if len(buffer) >= size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def passes_filters(meta: dict[str, Any], filters: dict[str, float]) -> bool:
+    """min_width/min_height test the original size (json original_width, else width); any other key k
+    requires json[k] >= value. Missing or non-numeric metadata fails the filter."""
+    for key, threshold in filters.items():
+        if key in ("min_width", "min_height"):
+            side = key.removeprefix("min_")
+            value = meta.get(f"original_{side}", meta.get(side))
+        else:
+            value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= threshold:
+            return False
+    return True
+
+
+def collate(samples: list[dict[str, Any]], skips: Counter) -> Batch:
+    # Workers ship uint8 (4x less to copy) and default_collate stacks straight into shared memory, so the
+    # hand-off to the main process copies nothing; ShardLoader converts to float there.
+    return {
+        "image": default_collate([s["image"] for s in samples]),  # (B, 3, H, W) uint8
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "skips": {cause: int(skips[cause]) for cause in SKIP_CAUSES},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset (runs inside each DataLoader worker)
+
+
+class ShardDataset(IterableDataset):
+    """Yields whole batches from this worker's shards; built and configured by ShardLoader."""
+
+    def __init__(self, urls: list[str], *, batch_size: int, transform: ImageTransform,
+                 mode: Literal["epoch", "resampled"], rank: int, world_size: int, seed: int, shuffle: bool,
+                 shuffle_buffer: int, drop_last: bool, min_side: int, max_pixels: int,
+                 metadata_filters: dict[str, float] | None):
+        super().__init__()
+        self.urls, self.batch_size, self.transform, self.mode = urls, batch_size, transform, mode
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        self.min_side, self.max_pixels = min_side, max_pixels
+        self.metadata_filters = dict(metadata_filters or {})
+        self.epoch = 0
+
+    def decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """Raw sample -> {"image", "caption", "key"}; raises SkipSample. Cheap checks run before decoding."""
+        try:
+            caption = raw["txt"].decode("utf-8").strip()  # empty is fine: it is the unconditional prompt
+        except (KeyError, UnicodeDecodeError) as e:
+            raise SkipSample("bad_caption", repr(e)) from e
+        if self.metadata_filters and not passes_filters(_metadata(raw), self.metadata_filters):
+            raise SkipSample("filtered")
+        data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if data is None:
+            raise SkipSample("missing_image")
+        image = self.transform.decode_uint8(data, rng, min_side=self.min_side, max_pixels=self.max_pixels)
+        return {"image": image, "caption": caption, "key": raw["__key__"]}
+
+    def _shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        if self.mode == "epoch":
+            yield from assign_shards(self.urls, self.rank, self.world_size, worker, num_workers,
+                                     self.epoch, self.seed, self.shuffle)
+            return
+        rng = random.Random(derive_seed(self.seed, self.rank, worker, self.epoch, stream=1))
+        while True:  # resampled: shards drawn with replacement, a different stream per rank and worker
+            yield self.urls[rng.randrange(len(self.urls))]
+
+    def _decoded(self, raws: Iterator[dict[str, Any] | str], rng: random.Random) -> Iterator[dict | str]:
+        consecutive = 0
+        for raw in raws:
+            if isinstance(raw, str):
+                cause = raw
+            else:
+                try:
+                    sample = self.decode(raw, rng)
+                except SkipSample as e:
+                    cause = e.cause
+                else:
+                    consecutive = 0
+                    yield sample
+                    continue
+            yield cause
+            consecutive += 1
+            if self.mode == "resampled" and consecutive >= _MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"{consecutive} consecutive unusable samples in shards like {self.urls[0]!r}")
+
+    def _batches(self, items: Iterator[dict | str]) -> Iterator[Batch]:
+        skips: Counter = Counter()
+        pending: list[dict] | None = None  # held back so later skips can still ride on it
+        current: list[dict] = []
+        for item in items:
+            if isinstance(item, str):
+                skips[item] += 1
+                continue
+            current.append(item)
+            if len(current) == self.batch_size:
+                if pending is not None:
+                    yield collate(pending, skips)
+                    skips = Counter()
+                pending, current = current, []
+        tail = [b for b in (pending, current if not self.drop_last else None) if b]
+        for i, samples in enumerate(tail):
+            yield collate(samples, skips if i == 0 else Counter())
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng = random.Random(derive_seed(self.seed, self.rank, worker, self.epoch, stream=2))
+        raws = (raw for url in self._shards(worker, num_workers) for raw in read_shard(url))
+        if self.shuffle and self.shuffle_buffer > 1:
+            raws = _shuffled(raws, self.shuffle_buffer, rng)
+        yield from self._batches(self._decoded(raws, rng))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loader (what a LightningDataModule returns)
+
+
+class ShardLoader:
+    """A DataLoader over this rank's shards that yields exactly `len(self)` batches per epoch.
+
+    Args:
+        shards: brace pattern, directory, list of paths, or URLs (`pipe:`, `http(s)://`, `s3://`...).
+        mode: "epoch" (finite, each sample at most once per epoch) or "resampled" (shards drawn with
+            replacement, `batches_per_epoch` batches per rank; needs no sample counts).
+        batches_per_epoch: required for "resampled"; in "epoch" mode an optional cap.
+        drop_last: True drops each worker's partial batch and equalises ranks (see module docstring);
+            False keeps every sample and never pads, for single-rank validation.
+        samples_per_shard: overrides the per-shard counts (for remote shards without `_stats.json`).
+    """
+
+    def __init__(self, shards: str | Sequence[str], *, batch_size: int, resolution: int,
+                 mode: Literal["epoch", "resampled"] = "epoch", rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, batches_per_epoch: int | None = None, shuffle: bool = True,
+                 shuffle_buffer: int = 500, drop_last: bool = True, crop: Literal["center", "random"] = "random",
+                 flip: bool = True, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 metadata_filters: dict[str, float] | None = None, samples_per_shard: int | None = None,
+                 seed: int = 0, pin_memory: bool = False):
+        if mode not in ("epoch", "resampled"):
+            raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
+        if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size, got "
+                             f"{batch_size=}, {num_workers=}, {rank=}, {world_size=}")
+        if mode == "resampled" and not batches_per_epoch:
+            raise ValueError("mode='resampled' needs batches_per_epoch (batches per rank per epoch)")
+        if not drop_last and (world_size > 1 or mode == "resampled"):
+            raise ValueError("drop_last=False is only for mode='epoch' on a single rank: ranks must run "
+                             "equal-length epochs")
+        self.urls = expand_urls(shards)
+        self.mode, self.rank, self.world_size, self.num_workers = mode, rank, world_size, num_workers
+        self.batch_size, self.batches_per_epoch, self.drop_last = batch_size, batches_per_epoch, drop_last
+        self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
+        self.max_pixels = max_pixels
+        self.shard_dataset = ShardDataset(
+            self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip), mode=mode,
+            rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+            drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters)
+        self.counts: list[int] | None = None
+        if mode == "epoch":
+            self._check_epoch_mode(samples_per_shard)
+
+    def _check_epoch_mode(self, samples_per_shard: int | None) -> None:
+        slots = self.world_size * max(1, self.num_workers)
+        if len(self.urls) < slots:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) cannot be split over {self.world_size} rank(s) x "
+                f"{max(1, self.num_workers)} worker(s) = {slots} slots in mode='epoch': write more, smaller "
+                "shards, use fewer workers, or use mode='resampled'")
+        self.counts = shard_sample_counts(self.urls, samples_per_shard)
+        if len(self) == 0:
+            raise ValueError(f"an epoch has 0 batches: per-rank batches {self.batches_per_rank()} with "
+                             f"batch_size={self.batch_size} over {sum(self.counts)} samples")
+
+    # Lightning calls `loader.sampler.set_epoch(epoch)` on every train/val loader at each epoch start. There is
+    # deliberately no `.dataset`: Lightning would then warn that an IterableDataset defines __len__.
+    batch_sampler = None
+
+    @property
+    def sampler(self) -> ShardLoader:
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches_per_rank(self, epoch: int | None = None) -> list[int]:
+        """Epoch mode: batches each rank's workers can fill in `epoch` (default: the current one)."""
+        assert self.counts is not None, "only defined in mode='epoch'"
+        return rank_batches(self.counts, world_size=self.world_size, num_workers=self.num_workers,
+                            batch_size=self.batch_size, epoch=self.epoch if epoch is None else epoch,
+                            seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        if self.mode == "resampled":
+            return int(self.batches_per_epoch)  # type: ignore[arg-type]
+        per_rank = self.batches_per_rank()
+        n = min(per_rank) if self.drop_last else per_rank[self.rank]
+        return min(n, self.batches_per_epoch) if self.batches_per_epoch else n
+
+    def _dataloader(self) -> DataLoader:
+        self.shard_dataset.epoch = self.epoch
+        init = partial(_init_worker, seed=self.seed, rank=self.rank, epoch=self.epoch, max_pixels=self.max_pixels)
+        return DataLoader(self.shard_dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=init,
+                          prefetch_factor=2 if self.num_workers else None)
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_unit_range(x)  # (B, 3, H, W) float in [-1, 1]
+        # Pinned here rather than by the DataLoader, which would pin the uint8 batch we then replace.
+        return x.pin_memory() if self.pin_memory and torch.cuda.is_available() else x
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, done, padding = len(self), 0, False
+        while done < n:
+            produced = 0
+            for batch in islice(self._dataloader(), n - done):  # stop without pulling a surplus batch
+                if padding:  # repeats: only the padding counter, so totals don't count a skip twice
+                    batch["skips"] = {cause: int(cause == "padded_batches") for cause in SKIP_CAUSES}
+                batch["image"] = self._to_float(batch["image"])
+                yield batch
+                done, produced = done + 1, produced + 1
+            if not self.drop_last:
+                return
+            if produced == 0:
+                raise RuntimeError(f"rank {self.rank} found no usable sample in {len(self.urls)} shards "
+                                   f"(epoch {self.epoch}) and cannot fill its {n} batches")
+            # Only a rank left short (skipped samples, broken shards) gets here: rerun its stream as padding.
+            padding = True
