@@ -36,7 +36,20 @@ def experiment_overrides(name: str, tmp_path: Path, shapes_root: Path, vgg_file:
                 "data.min_side=8", "data.num_workers=0", "data.batch_size=2"]
     if OmegaConf.select(cfg, "model.loss.perceptual") is not None:
         out.append(f"model.loss.perceptual.vgg_weights={vgg_file}")
+    if cfg.model._target_.endswith("DiffusionModule"):
+        out += [f"model.autoencoder.path={tiny_export(tmp_path)}", "model.text_encoder.pretrained=null"]
     return out
+
+
+def tiny_export(tmp_path: Path) -> Path:
+    """A randomly initialised f4 c4 autoencoder with latent statistics, exported as stage 1 would."""
+    from ldm.models.autoencoder.export import export_autoencoder
+    from ldm.models.autoencoder.kl import AutoencoderKL
+
+    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+                       mid_attention=False, norm_groups=4)
+    ae.set_latent_stats(0.5, torch.zeros(4), torch.ones(4))
+    return export_autoencoder(ae, tmp_path / "ae_export")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +63,7 @@ def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_there_are_experiments() -> None:
-    assert {"autoencoder_kl_f8", "autoencoder_tiny"} <= set(EXPERIMENTS)
+    assert {"autoencoder_kl_f8", "autoencoder_tiny", "ldm_256", "ldm_tiny"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -113,3 +126,26 @@ def test_unknown_experiment_lists_choices() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "autoencoder_tiny" in proc.stderr
+
+
+def test_ldm_256_offline_text_weights_fail_fast(tmp_path: Path, shapes_root: Path, monkeypatch) -> None:
+    """Without a local file for the ViT-H-14 weights, building stage 2 stops at once and says what to pass."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    cfg = compose_cfg("experiment=ldm_256", f"paths.output_dir={tmp_path}",
+                      f"model.autoencoder.path={tiny_export(tmp_path)}")
+    start = time.time()
+    with pytest.raises(Exception, match="model.text_encoder.pretrained"):
+        hydra.utils.instantiate(cfg.model)
+    assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_stage2_diffusion_groups_compose_into_the_loss(schedule: str, parameterization: str,
+                                                       tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=ldm_tiny", f"paths.output_dir={tmp_path}", f"diffusion/schedule={schedule}",
+                      f"diffusion/parameterization={parameterization}", "model.text_encoder.pretrained=null",
+                      f"model.autoencoder.path={tiny_export(tmp_path)}")
+    loss = hydra.utils.instantiate(cfg.model.loss)
+    assert type(loss.schedule).__name__.lower().startswith(schedule.replace("_", ""))
+    assert type(loss.parameterization).__name__.lower().startswith(parameterization)

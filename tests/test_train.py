@@ -100,3 +100,23 @@ def test_ddp_cpu_two_processes(tmp_path: Path, shapes_root: Path) -> None:
     assert ckpt["global_step"] == 4
     assert (run_dir / "export" / "autoencoder.json").is_file()
     assert not list(tmp_path.glob("**/multirun*"))  # the second rank did not start a run of its own
+
+
+def test_stage2_trains_on_the_stage1_export(trained: Path, tmp_path: Path, shapes_root: Path) -> None:
+    """experiment=ldm_tiny on the autoencoder exported above: the denoising loss falls, EMA is saved."""
+    run_dir = tmp_path / "ldm"
+    run_train("experiment=ldm_tiny", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}", "logger=csv",
+              f"model.autoencoder.path={trained / 'export'}", f"data.root={shapes_root}", "data.num_train=256",
+              "data.num_val=64", "data.shard_size=32", "data.batch_size=32", "data.num_workers=0",
+              "trainer.max_steps=60", "trainer.val_check_interval=30", "trainer.limit_val_batches=1",
+              "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=5", "num_threads=1")
+    loss = read_metric(run_dir, "train/loss")
+    first, last = sum(v for _, v in loss[:15]) / 15, sum(v for _, v in loss[-15:]) / 15
+    assert len(loss) == 60 and last < 0.8 * first, (first, last)
+    assert read_metric(run_dir, "val/x0_mse_logsnr_+0")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["ldm"]["stage"] == "diffusion" and ckpt["global_step"] == 60
+    assert not any(k.startswith("autoencoder.") for k in ckpt["state_dict"])
+    ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
+    assert ema["num_updates"] == 60 and set(ema["state_dict"]) == {
+        k.removeprefix("unet.") for k in ckpt["state_dict"] if k.startswith("unet.")}

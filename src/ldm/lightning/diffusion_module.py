@@ -1,0 +1,174 @@
+"""Stage 2: text-conditioned latent diffusion. Wires the frozen autoencoder, the text encoder, the UNet and a
+DenoisingLoss together; the formulas live in `ldm.diffusion`, the networks in `ldm.models`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ldm.diffusion.losses import DenoisingLoss
+from ldm.diffusion.schedules import vp_from_logsnr
+from ldm.lightning.nonfinite import NonFiniteGuard
+from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
+from ldm.utils.checkpoint import check_architecture
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+
+
+def check_compatible(autoencoder: AutoencoderKL, unet: nn.Module, text_encoder: OpenCLIPTextEncoder) -> None:
+    """Refuse parts that cannot work together, naming the numbers that disagree."""
+    unet_cfg = getattr(unet, "config", {})
+    problems = []
+    if unet_cfg.get("in_channels") != autoencoder.latent_channels:
+        problems.append(f"the autoencoder has {autoencoder.latent_channels} latent channels but the UNet takes "
+                        f"in_channels={unet_cfg.get('in_channels')}")
+    if unet_cfg.get("context_dim") != text_encoder.width:
+        problems.append(f"the text encoder gives {text_encoder.width}-dim token states but the UNet's "
+                        f"context_dim={unet_cfg.get('context_dim')}")
+    if problems:
+        raise ValueError("Stage-2 parts do not fit together: " + "; ".join(problems) + ".")
+    if not bool(autoencoder.latent_stats_set):
+        raise ValueError("The autoencoder carries no latent statistics. Export it at the end of stage 1 (the "
+                         "latent_stats callback) or with scripts/export_autoencoder.py.")
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `unet` to denoise autoencoder latents conditioned on text token states.
+
+    Args:
+        cond_drop_prob: probability that a caption is replaced by the empty prompt (classifier-free guidance).
+        val_logsnr_bins: log-SNR values at which validation measures the x0-space error, identical for every
+            schedule and parameterization so that sweeps compare on the same footing.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: OpenCLIPTextEncoder,
+        autoencoder: AutoencoderKL,
+        loss: DenoisingLoss,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        cond_drop_prob: float = 0.1,
+        val_logsnr_bins: Sequence[float] = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0),
+        max_nonfinite_steps: int = 20,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        check_compatible(autoencoder, unet, text_encoder)
+        self.unet, self.text_encoder = unet, text_encoder
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.loss, self.optimizer_factory, self.scheduler_factory = loss, optimizer, lr_scheduler
+        self.cond_drop_prob = cond_drop_prob
+        self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+
+    def train(self, mode: bool = True) -> DiffusionModule:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: no dropout, no norm-statistics updates, ever
+        return self
+
+    # ------------------------------------------------------------------ inputs
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> normalized latents (the autoencoder owns the scale/shift)."""
+        return self.autoencoder.normalize(self.autoencoder.encode(images).sample())
+
+    def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Token states (B, L, D), with each caption replaced by the empty prompt with `drop_prob`."""
+        context = self.text_encoder.encode(list(captions)).token_states.to(self.device)
+        drop = torch.rand(len(captions), device=self.device) < drop_prob
+        if drop_prob > 0:
+            null = self.text_encoder.null_embedding(1).token_states.to(device=self.device, dtype=context.dtype)
+            context = torch.where(drop[:, None, None], null, context)
+        return context, drop
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        z = self.encode_images(batch["image"])  # (B, c, H/f, W/f)
+        context, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
+        out = self.loss(self.unet, z, context)
+        loss = out.loss.mean()
+        if not self.guard.all_finite(self.trainer.strategy, loss):
+            return None  # every rank skips together (the guard reduces the flag across ranks)
+        bs = z.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/cond_drop_rate", dropped.float().mean(), batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.zeros((), device=self.device)
+        if not self.guard.all_finite(self.trainer.strategy, norm):
+            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left as they are
+        else:
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        z = self.encode_images(batch["image"])
+        context, _ = self.embed_captions(batch["caption"])
+        bs = z.shape[0]
+        generator = torch.Generator(device=z.device).manual_seed(batch_idx)  # same noise for every run
+        self.log("val/loss", self.loss(self.unet, z, context, generator=generator).loss.mean(), sync_dist=True,
+                 batch_size=bs)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        param = self.loss.parameterization
+        for b in self.val_logsnr_bins:
+            logsnr = torch.full((bs,), b, device=z.device)
+            alpha, sigma = (c.view(-1, 1, 1, 1).to(z.dtype) for c in vp_from_logsnr(logsnr))
+            x = alpha * z + sigma * noise
+            c_skip, c_out, c_in = param.scalings_vp(alpha, sigma)
+            denoised = c_skip * x + c_out * self.unet(c_in * x, param.c_noise(logsnr), context)
+            self.log(f"val/x0_mse_logsnr_{b:+.0f}", (denoised - z).square().mean(), sync_dist=True, batch_size=bs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Frozen parts come from their own files; keeping them out saves ~1.5 GB per SD-size checkpoint."""
+        state = super().state_dict(*args, **kwargs)
+        frozen_prefixes = ["autoencoder."] + (["text_encoder."] if not any(
+            p.requires_grad for p in self.text_encoder.parameters()) else [])
+        return {k: v for k, v in state.items() if not any(k.startswith(p) for p in frozen_prefixes)}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        missing_ok = {k for k in super().state_dict() if k not in self.state_dict()}
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            missing = [k for k in result.missing_keys if k not in missing_ok]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"Checkpoint does not match the model: missing {missing[:5]}, "
+                                   f"unexpected {result.unexpected_keys[:5]}")
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ldm"] = {"stage": "diffusion", "unet": dict(getattr(self.unet, "config", {})),
+                             "autoencoder": self.autoencoder.config,
+                             "latent_scale": float(self.autoencoder.latent_scale),
+                             "nonfinite": self.guard.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("ldm", {})
+        if meta.get("stage", "diffusion") != "diffusion":
+            raise ValueError(f"This is a {meta['stage']!r} checkpoint; stage 2 resumes only diffusion checkpoints.")
+        check_architecture(meta.get("unet"), dict(getattr(self.unet, "config", {})), "UNet")
+        if "nonfinite" in meta:
+            self.guard.load_state_dict(meta["nonfinite"])

@@ -1,0 +1,83 @@
+"""Stage 2 wiring: parts must fit, captions drop at the configured rate, the autoencoder stays frozen."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from ldm.diffusion.losses import DenoisingLoss
+from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.schedules import CosineSchedule
+from ldm.lightning.diffusion_module import DiffusionModule
+from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
+from ldm.models.unet.unet import UNet
+
+
+def parts(latent_channels: int = 4, context_dim: int = 64, stats: bool = True):
+    torch.manual_seed(0)
+    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=latent_channels,
+                       mid_attention=False, norm_groups=4)
+    if stats:
+        ae.set_latent_stats(0.7, torch.zeros(latent_channels), torch.ones(latent_channels))
+    unet = UNet(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_levels=(1,), num_heads=None, head_channels=8, context_dim=context_dim, norm_groups=4)
+    text = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=None)
+    return ae, unet, text
+
+
+def module(cond_drop_prob: float = 0.1, **kw) -> DiffusionModule:
+    ae, unet, text = parts(**kw)
+    schedule = CosineSchedule()
+    loss = DenoisingLoss(schedule, VPrediction(schedule))
+    return DiffusionModule(unet=unet, text_encoder=text, autoencoder=ae, loss=loss,
+                           optimizer=partial(torch.optim.AdamW, lr=1e-3), cond_drop_prob=cond_drop_prob)
+
+
+def test_mismatched_latent_channels_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="3 latent channels but the UNet takes in_channels=4"):
+        module(latent_channels=3)
+
+
+def test_mismatched_context_dim_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="64-dim token states but the UNet's context_dim=32"):
+        module(context_dim=32)
+
+
+def test_autoencoder_without_latent_statistics_is_refused() -> None:
+    with pytest.raises(ValueError, match="no latent statistics"):
+        module(stats=False)
+
+
+def test_caption_dropout_rate_and_null_embedding() -> None:
+    m = module(cond_drop_prob=0.3)
+    torch.manual_seed(0)
+    captions = ["a small red circle on a blue background"] * 2000
+    context, dropped = m.embed_captions(captions, 0.3)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    null = m.text_encoder.encode([""]).token_states[0]
+    full = m.text_encoder.encode(captions[:1]).token_states[0]
+    torch.testing.assert_close(context[dropped], null.expand(int(dropped.sum()), -1, -1))
+    torch.testing.assert_close(context[~dropped], full.expand(int((~dropped).sum()), -1, -1))
+
+
+def test_training_updates_only_the_unet_and_checkpoints_leave_frozen_parts_out() -> None:
+    m = module()
+    ae_before = {k: v.clone() for k, v in m.autoencoder.state_dict().items()}
+    unet_before = [p.clone() for p in m.unet.parameters()]
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, "caption": ["a red square"] * 4}
+            for _ in range(3)]
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert trainer.global_step == 3
+    assert all(torch.equal(v, m.autoencoder.state_dict()[k]) for k, v in ae_before.items())
+    assert any(not torch.equal(a, b) for a, b in zip(unet_before, m.unet.parameters()))
+    assert not m.autoencoder.training
+    keys = m.state_dict().keys()
+    assert keys and all(k.startswith("unet.") for k in keys)
+    m.load_state_dict(m.state_dict())  # the reduced state dict loads back strictly
