@@ -28,7 +28,9 @@ def run_train(*overrides: str, cwd: Path = ROOT, timeout: float = 600, check: bo
     """`python train.py <overrides>` in a subprocess with offline W&B and one thread per process."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "HYDRA_FULL_ERROR": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "print_config=false", *overrides],
+    flags = [o for o in overrides if o.startswith("-")]  # -m must precede the overrides
+    args = [*flags, "print_config=false", *(o for o in overrides if not o.startswith("-"))]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

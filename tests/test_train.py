@@ -120,3 +120,19 @@ def test_stage2_trains_on_the_stage1_export(trained: Path, tmp_path: Path, shape
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
     assert ema["num_updates"] == 60 and set(ema["state_dict"]) == {
         k.removeprefix("unet.") for k in ckpt["state_dict"] if k.startswith("unet.")}
+
+
+def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path, shapes_root: Path) -> None:
+    """`-m` + trainer=ddp_cpu: two jobs, two folders; the second rank joins its job instead of re-sweeping."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", shapes_root, steps=2)
+                 if not o.startswith(("hydra.run.dir", "callbacks.latent_stats"))]
+    proc = run_train("-m", *overrides, "trainer=ddp_cpu", "logger=csv", "model.loss.kl_weight=1e-6,1e-5",
+                     f"hydra.sweep.dir={sweep}", "callbacks.latent_stats.num_batches=1", timeout=900)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != ".hydra")
+    assert jobs == ["0", "1"], (jobs, proc.stdout[-2000:])
+    for job in jobs:
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 2
+    assert (sweep / "1" / ".hydra" / "overrides.yaml").read_text().count("kl_weight=1e-05") == 1
+    assert not (tmp_path / "autoencoder_tiny").exists() and not (tmp_path / "unused").exists()

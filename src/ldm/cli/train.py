@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.utils.checkpoint import resolve_ckpt_path
+from ldm.utils.hydra_ddp import end_distributed_job, pin_sweep_job_for_ddp
 from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
 
@@ -94,7 +95,11 @@ def main(cfg: DictConfig) -> float | None:
         from ldm.utils.print_config import print_config
 
         print_config(cfg)
-    metrics = train(cfg)
+    pin_sweep_job_for_ddp()
+    try:
+        metrics = train(cfg)
+    finally:
+        end_distributed_job()
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
 
