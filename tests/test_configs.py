@@ -10,10 +10,10 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, ROOT
 from ldm.cli.train import build
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

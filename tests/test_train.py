@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_train, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-
 # Read once at import: after the first job of a sweep, Lightning has put DDP variables into os.environ itself.
 _LAUNCHED_EXTERNALLY = "LOCAL_RANK" in os.environ or "SLURM_NTASKS" in os.environ
 _DDP_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
