@@ -149,3 +149,12 @@ def test_stage2_diffusion_groups_compose_into_the_loss(schedule: str, parameteri
     loss = hydra.utils.instantiate(cfg.model.loss)
     assert type(loss.schedule).__name__.lower().startswith(schedule.replace("_", ""))
     assert type(loss.parameterization).__name__.lower().startswith(parameterization)
+
+
+def test_noise_schedule_sweep_preset_lists_the_grid(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=ldm_tiny", "hparams_search=noise_schedules",
+                                                      f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["diffusion/schedule"].split(",") == ["linear", "scaled_linear", "cosine", "sigmoid"]
+    assert params["diffusion/parameterization"] == "eps,v"

@@ -81,3 +81,28 @@ def test_training_updates_only_the_unet_and_checkpoints_leave_frozen_parts_out()
     keys = m.state_dict().keys()
     assert keys and all(k.startswith("unet.") for k in keys)
     m.load_state_dict(m.state_dict())  # the reduced state dict loads back strictly
+
+
+def test_compile_and_channels_last_switches_keep_outputs_and_checkpoint_names() -> None:
+    plain = module()
+    ae, unet, text = parts()
+    unet.load_state_dict(plain.unet.state_dict())
+    schedule = CosineSchedule()
+    fast = DiffusionModule(unet=unet, text_encoder=text, autoencoder=ae,
+                           loss=DenoisingLoss(schedule, VPrediction(schedule)),
+                           optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_unet=True,
+                           compile_backend="eager", channels_last=True)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    for p in fast.unet.parameters():  # the SD init zeroes some convs: give every weight a value
+        torch.nn.init.normal_(p, std=0.05)
+    plain.unet.load_state_dict(fast.unet.state_dict())
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 64)
+    torch.testing.assert_close(fast.unet(x, t, ctx), plain.unet(x, t, ctx), rtol=1e-4, atol=1e-5)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_missing_autoencoder_export_is_a_clear_error(tmp_path) -> None:
+    from ldm.models.autoencoder.export import load_autoencoder
+
+    with pytest.raises(FileNotFoundError, match="Train stage 1 first"):
+        load_autoencoder(tmp_path / "nowhere")

@@ -6,6 +6,7 @@ The one place where configs become objects (`build`); everything it builds takes
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
 
 log = get_logger(__name__)
+# Lightning warnings that say nothing about an ldm run: checkpoints are meant to hold the post-step state
+# (their global_step counts applied steps), and the pytree notice is internal to Lightning.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 
 

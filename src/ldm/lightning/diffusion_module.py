@@ -45,6 +45,8 @@ class DiffusionModule(L.LightningModule):
 
     Args:
         cond_drop_prob: probability that a caption is replaced by the empty prompt (classifier-free guidance).
+        compile_unet: `torch.compile` the UNet's forward (first steps pay the compilation).
+        channels_last: keep UNet weights in NHWC, usually faster for convolutions on recent GPUs.
         val_logsnr_bins: log-SNR values at which validation measures the x0-space error, identical for every
             schedule and parameterization so that sweeps compare on the same footing.
     """
@@ -60,6 +62,9 @@ class DiffusionModule(L.LightningModule):
         cond_drop_prob: float = 0.1,
         val_logsnr_bins: Sequence[float] = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0),
         max_nonfinite_steps: int = 20,
+        compile_unet: bool = False,
+        compile_backend: str = "inductor",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -71,6 +76,10 @@ class DiffusionModule(L.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        if channels_last:  # convolutions run NHWC; SDPA and linears are unaffected
+            self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:  # in place: parameter names (and so checkpoints) stay those of the plain UNet
+            self.unet.compile(backend=compile_backend)
 
     def train(self, mode: bool = True) -> DiffusionModule:
         super().train(mode)
