@@ -61,7 +61,7 @@ def main() -> None:
     resolution = 32
     psnr = reconstruction_grid(ae_dir / "export", ROOT / "data" / f"shapes_{resolution}" / "val",
                                args.out / "reconstructions.png", resolution)
-    print("\n[quickstart] done in {:.1f} min".format((time.time() - start) / 60))
+    print(f"\n[quickstart] done in {(time.time() - start) / 60:.1f} min")
     print(f"  reconstructions (top: input, bottom: output): {args.out / 'reconstructions.png'}  PSNR {psnr:.2f} dB")
     print(f"  autoencoder checkpoints: {ae_dir / 'checkpoints'}   export for stage 2: {ae_dir / 'export'}")
     print(f"  W&B offline run: {next(iter(sorted((ae_dir / 'wandb').glob('offline-run-*'))), ae_dir / 'wandb')}"
