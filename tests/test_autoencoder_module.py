@@ -143,3 +143,28 @@ def test_latent_stats_match_torch_and_sum_across_ranks() -> None:
     torch.testing.assert_close(std, z.transpose(0, 1).reshape(4, -1).std(dim=1, unbiased=False), rtol=1e-4,
                                atol=1e-5)
     assert scale == pytest.approx(1 / z.std(unbiased=False).item(), rel=1e-5)
+
+
+def test_data_health_sums_skips_and_logs_every_cause(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ldm.callbacks.data_health import DataHealth
+    from ldm.data.webdataset import SKIP_CAUSES
+
+    class Skipping(Lin):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["x"], batch_idx)
+
+    data = [{"x": torch.randn(4, 3), "skips": {"corrupt_image": 2, "bad_caption": i % 2}} for i in range(4)]
+    health = DataHealth(every_n_steps=2)
+    trainer = L.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        callbacks=[health])
+    trainer.fit(Skipping(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert health.local == {"corrupt_image": 8, "bad_caption": 2}
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    last = [r for r in rows if r.get("data/skipped_corrupt_image")][-1]
+    assert float(last["data/skipped_corrupt_image"]) == 8 and float(last["data/skipped_bad_caption"]) == 2
+    assert all(f"data/skipped_{c}" in rows[0] for c in SKIP_CAUSES)
