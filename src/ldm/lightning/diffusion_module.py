@@ -114,12 +114,16 @@ class DiffusionModule(L.LightningModule):
         self.log("train/cond_drop_rate", dropped.float().mean(), batch_size=bs)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
-            else torch.zeros((), device=self.device)
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm and check the gradient in one pass; a NaN/Inf norm on any rank skips the step on all."""
+        if gradient_clip_algorithm not in (None, "norm"):  # "value": Lightning clips, we still check the norm
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            gradient_clip_val = None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"), foreach=True)
         if not self.guard.all_finite(self.trainer.strategy, norm):
-            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left as they are
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
         else:
             self.log("train/grad_norm", norm, batch_size=1)
 
