@@ -131,6 +131,9 @@ class NoiseSchedule:
         return torch.cat([sigmas, sigmas.new_zeros(1)])  # (n + 1,)
 
 
+_ZERO_SNR_NEG_LOGSNR = math.log((1 - 2**-24) / 2**-24)  # -log-SNR where diffusers puts a zero terminal SNR
+
+
 class DiscreteSchedule(NoiseSchedule):
     """T-step DDPM schedule: t is the step index; fractional t interpolates log-SNR (= log-sigma, as k-diffusion's
     DiscreteSchedule). `alphas_cumprod`, `log_snrs`, `snrs` and `sigmas` are (T,) float64, all derived after rescaling."""
@@ -172,6 +175,10 @@ class DiscreteSchedule(NoiseSchedule):
         """Inverse of logsnr(t), clamped to [0, T - 1]; exact at the knots (t_from_logsnr(logsnr(k)) == k)."""
         x = -logsnr.to(torch.float32)  # = 2 ln sigma, increasing in t
         table = -self._table(logsnr.device)  # (T,) increasing, +inf at a zero terminal SNR
+        # An infinite last knot would pin every finite sigma above the previous knot to t = T - 2; place it where
+        # diffusers does (alphas_cumprod = 2**-24, sigma ~ 4096), so samplers' finite stand-in for sigma = inf
+        # maps to t = T - 1, as it does in diffusers.
+        table = torch.where(torch.isinf(table), torch.full_like(table, _ZERO_SNR_NEG_LOGSNR), table)
         # table[idx - 1] < x <= table[idx]
         idx = torch.searchsorted(table, x.contiguous()).clamp(1, self.t_max)
         lo, hi = table[idx - 1], table[idx]

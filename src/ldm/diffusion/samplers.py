@@ -1,0 +1,198 @@
+"""Samplers as plain functions over a descending VE sigma ladder ending in 0, k-diffusion style: each takes a denoiser
+D(x, sigma[B]) -> x0_hat and x = noise * sigmas[0], and integrates the probability-flow ODE or reverse SDE in VE form
+(x = x0 + sigma eps; Karras et al. 2022). Use `ldm.diffusion.spacing` to build ladders for discrete schedules."""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma[B]) -> denoised
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x, denoised)
+Sampler = Callable[..., Tensor]
+
+
+def _steps(sigmas: Tensor) -> list[tuple[float, float]]:
+    """Consecutive (sigma, sigma_next) pairs as Python floats, after checking the ladder."""
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D ladder of n + 1 >= 2 values (n >= 1 steps), got shape {tuple(sigmas.shape)}")
+    values = sigmas.tolist()
+    if not all(math.isfinite(s) for s in values):
+        raise ValueError("sigmas must be finite; replace an infinite (zero-SNR) sigma with spacing.finite_sigmas")
+    return list(zip(values[:-1], values[1:]))
+
+
+def _denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
+    return denoiser(x, x.new_full((x.shape[0],), sigma))
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else x.device  # a CPU generator gives device-independent noise
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) splitting sigma_next^2 into a deterministic and a fresh-noise part; eta = 1 is the DDPM
+    posterior, eta = 0 the DDIM ODE (Song et al. 2021, Eq. 16, in VE form; k-diffusion's get_ancestral_step)."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# First-order samplers.
+
+
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                 callback: StepCallback | None = None) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Eq. 4)."""
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                           callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+    """Ancestral Euler: an Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion; Song et al. 2021)."""
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + _noise(x, generator) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) in VE form: x' = x0 + sigma_down eps + sigma_up z. With eta = 0 this is the
+    deterministic DDIM, identical to Euler in VE form; eta = 1 recovers DDPM."""
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        eps = (x - denoised) / sigma
+        x = denoised + sigma_down * eps
+        if sigma_up > 0:
+            x = x + _noise(x, generator) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None) -> Tensor:
+    """Ancestral DDPM: sample the posterior q(x' | x, x0 = D(x)) (Ho et al. 2020, Eq. 6-7, "fixed_small" variance),
+    in VE form: mean x0 + (sigma'/sigma)^2 (x - x0), variance sigma'^2 (1 - (sigma'/sigma)^2)."""
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        ratio = (sigma_next / sigma) ** 2
+        x = denoised + ratio * (x - denoised)
+        if sigma_next > 0:
+            x = x + _noise(x, generator) * sigma_next * (1 - ratio) ** 0.5
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Higher-order samplers.
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1, no churn); Euler for the last step to sigma = 0."""
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - _denoise(denoiser, x_2, sigma_next)) / sigma_next
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                    callback: StepCallback | None = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2) in lambda = -ln sigma; first order at both
+    ends, as diffusers' DPMSolverMultistepScheduler(solver_order=2) with final_sigmas_type="zero"."""
+    old_denoised, h_last = None, 0.0
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigma_next == 0:
+            x = denoised  # the exact limit h -> inf of the update below
+            continue
+        h = math.log(sigma / sigma_next)
+        denoised_d = denoised
+        if old_denoised is not None:
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                        callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Appendix; k-diffusion's midpoint variant); eta = 1
+    matches diffusers' algorithm_type="sde-dpmsolver++", eta = 0 gives DPM-Solver++(2M)."""
+    old_denoised, h_last = None, 0.0
+    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma / sigma_next)
+        eta_h = eta * h
+        x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+        if old_denoised is not None:
+            r = h_last / h
+            x = x - 0.5 * math.expm1(-h - eta_h) / r * (denoised - old_denoised)
+        if eta > 0:
+            x = x + _noise(x, generator) * sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
+        old_denoised, h_last = denoised, h
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry.
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler function registered under `name`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
