@@ -122,6 +122,12 @@ def test_unknown_config_name_lists_choices() -> None:
     assert "kl_f9_c4" in proc.stderr and "kl_f8_c4" in proc.stderr and "kl_f4_c3" in proc.stderr
 
 
+def test_unknown_schedule_lists_choices() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "diffusion/schedule=quadratic"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "scaled_linear" in proc.stderr and "cosine" in proc.stderr
+
+
 def test_unknown_experiment_lists_choices() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=nope"],
                           capture_output=True, text=True, timeout=120)

@@ -135,3 +135,15 @@ def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path, shapes_root: Path)
         assert ckpt["global_step"] == 2
     assert (sweep / "1" / ".hydra" / "overrides.yaml").read_text().count("kl_weight=1e-05") == 1
     assert not (tmp_path / "autoencoder_tiny").exists() and not (tmp_path / "unused").exists()
+
+
+def test_stage2_ddp_cpu_two_processes(trained: Path, tmp_path: Path, shapes_root: Path) -> None:
+    run_dir = tmp_path / "ldm_ddp"
+    proc = run_train("experiment=ldm_tiny", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}", "logger=csv",
+                     "trainer=ddp_cpu", f"model.autoencoder.path={trained / 'export'}", f"data.root={shapes_root}",
+                     "data.num_train=256", "data.num_val=64", "data.shard_size=32", "data.batch_size=16",
+                     "data.num_workers=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                     "trainer.limit_val_batches=1", "num_threads=1", timeout=900)
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["ldm"]["stage"] == "diffusion"
