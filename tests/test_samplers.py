@@ -14,7 +14,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.guiders.guider_utils import rescale_noise_cfg  # no transformers needed
 
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.parameterization import Denoiser, VPrediction, append_dims
