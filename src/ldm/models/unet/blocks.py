@@ -7,9 +7,10 @@ attention always goes through `F.scaled_dot_product_attention` (flash / memory-e
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ldm.models.norms import GroupNorm, LayerNorm
 
 
 def heads_for(channels: int, num_heads: int | None, head_channels: int | None) -> int:
@@ -20,30 +21,6 @@ def heads_for(channels: int, num_heads: int | None, head_channels: int | None) -
     if heads < 1 or channels % heads or (head_channels is not None and channels % head_channels):
         raise ValueError(f"{channels} channels do not split into heads ({num_heads=}, {head_channels=})")
     return heads
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that keeps the input's dtype under autocast.
-
-    Autocast runs `group_norm` in fp32, turning every bf16 activation into an fp32 copy that the SiLU after it
-    and the tensors saved for backward inherit; the kernels accumulate statistics in fp32 regardless.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm that keeps the input's dtype under autocast (see `GroupNorm32`); the next op is a Linear."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -57,10 +34,10 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, *, dropout: float = 0.0,
                  norm_groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = GroupNorm32(norm_groups, in_channels, eps=1e-5)
+        self.norm1 = GroupNorm(norm_groups, in_channels, eps=1e-5)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels)
-        self.norm2 = GroupNorm32(norm_groups, out_channels, eps=1e-5)
+        self.norm2 = GroupNorm(norm_groups, out_channels, eps=1e-5)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -180,7 +157,7 @@ class SpatialTransformer(nn.Module):
                  norm_groups: int = 32) -> None:
         super().__init__()
         heads = heads_for(channels, num_heads, head_channels)
-        self.norm = GroupNorm32(norm_groups, channels, eps=1e-6)
+        self.norm = GroupNorm(norm_groups, channels, eps=1e-6)
         proj = nn.Linear if use_linear_projection else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = proj(channels, channels)
         self.blocks = nn.ModuleList(BasicTransformerBlock(channels, context_dim, heads) for _ in range(depth))

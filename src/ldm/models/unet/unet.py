@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.embeddings import TimestepEmbedding
-from ldm.models.unet.blocks import Downsample, GroupNorm32, ResBlock, SpatialTransformer, Upsample
+from ldm.models.unet.blocks import Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample
 
 
 class Level(nn.Module):
@@ -110,7 +110,7 @@ class UNet(nn.Module):
             transformers = [attn(ch) for _ in blocks] if level in attention_levels else []
             self.up.append(Level(blocks, transformers, Upsample(ch) if level > 0 else None))
 
-        self.norm_out = GroupNorm32(norm_groups, ch, eps=1e-5)
+        self.norm_out = GroupNorm(norm_groups, ch, eps=1e-5)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         self.init_weights()
 
