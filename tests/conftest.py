@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: two OpenMP threads on a shared 2-core machine spin against other processes and ran
+    small-tensor tests 40-100x slower; one keeps them at seconds either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -207,14 +207,6 @@ def photos(size: int = 32) -> torch.Tensor:
     return torch.cat([F.interpolate(t, size=(size, size), mode="area") for t in tensors])
 
 
-@pytest.fixture
-def one_thread():
-    # Two OpenMP threads on a 2-core machine that other processes also use spin against each other and ran
-    # this test 40x slower; one thread keeps it at a few seconds either way.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_autoencoder_fits_photos(one_thread) -> None:

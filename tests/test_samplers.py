@@ -25,13 +25,7 @@ from ldm.diffusion.spacing import ZERO_SNR_SIGMA, discrete_sigmas, spaced_timest
 S = 0.5  # data std of the Gaussian oracle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is far faster than two contending ones on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def analytic_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet"
 PRESETS = {"sd2": (865_910_724, 64, 1024), "base": (156_770_884, 32, 1024), "tiny": (1_077_572, 8, 64)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin against other processes; one keeps timings steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> UNet:

@@ -47,12 +47,7 @@ TINY_SD = [
 IDS = ["heads8_linear", "head_channels8_conv", "three_levels_depth2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusers_unet(**config) -> UNet2DConditionModel:
