@@ -108,7 +108,8 @@ def test_every_bad_sample_is_skipped_and_counted(bad_dataset, num_workers):
     expected_keys |= {f"c{i:03d}" for i in range(4)}
     assert sorted(keys) == sorted(expected_keys)
     assert _totals(batches) == {"corrupt_image": 2, "missing_image": 1, "bad_caption": 2, "too_small": 1,
-                                "too_large": 2, "bad_shard": 2, "filtered": 2, "padded_batches": 0}
+                                "too_large": 2, "bad_shard": 2, "filtered": 2, "corrupt_latent": 0,
+                                "padded_batches": 0}
     captions = dict(zip(keys, [c for b in batches for c in b["caption"]]))
     assert captions["b010"] == "" and captions["a000"] == "ok"
 

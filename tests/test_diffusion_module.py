@@ -79,8 +79,20 @@ def test_training_updates_only_the_unet_and_checkpoints_leave_frozen_parts_out()
     assert any(not torch.equal(a, b) for a, b in zip(unet_before, m.unet.parameters()))
     assert not m.autoencoder.training
     keys = m.state_dict().keys()
-    assert keys and all(k.startswith("unet.") for k in keys)
+    assert not any(k.startswith("autoencoder.") for k in keys)
+    # a randomly initialised text tower cannot be rebuilt from a file, so its weights stay in the checkpoint
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
     m.load_state_dict(m.state_dict())  # the reduced state dict loads back strictly
+
+
+def test_checkpoints_leave_out_a_text_encoder_loaded_from_pretrained_weights(tmp_path) -> None:
+    m = module()
+    torch.save({"state_dict": {f"text.{k}": v for k, v in m.text_encoder.text.state_dict().items()}},
+               tmp_path / "text.pt")
+    m.text_encoder = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=str(tmp_path / "text.pt"))
+    keys = m.state_dict().keys()
+    assert keys and all(k.startswith("unet.") for k in keys)
+    m.load_state_dict(m.state_dict())
 
 
 def test_compile_and_channels_last_switches_keep_outputs_and_checkpoint_names() -> None:

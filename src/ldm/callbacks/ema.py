@@ -9,6 +9,8 @@ stay the checkpoint's weights, and the EMA sits beside them under `callbacks` wi
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as L
@@ -72,6 +74,18 @@ class EMA(L.Callback):
             tmp = p.detach().clone()
             p.copy_(p_ema)
             p_ema.copy_(tmp)
+
+    @contextmanager
+    def averaged(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Inside the block the module's weights are the EMA (no-op before the first update)."""
+        if self.ema is None:
+            yield
+            return
+        self._swap(pl_module)
+        try:
+            yield
+        finally:
+            self._swap(pl_module)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema is not None and self.validate_with_ema and not trainer.sanity_checking:

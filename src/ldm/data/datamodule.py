@@ -3,10 +3,12 @@ across DDP ranks and DataLoader workers without needing torch.distributed."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning.pytorch as L
 
+from ldm.data.latent_cache import read_card
 from ldm.data.shards import expand_urls
 from ldm.data.webdataset import DEFAULT_MAX_PIXELS, ShardLoader
 
@@ -24,6 +26,8 @@ class WebDataModule(L.LightningDataModule):
         min_side: images whose shorter side is below this are skipped as too_small.
         max_pixels: images above this many pixels (from the header, before decoding) are skipped as too_large.
         metadata_filters: json thresholds, e.g. {"min_width": 256, "aesthetic": 5.0} (json[key] >= value).
+        latents: the shards are a latent cache (scripts/cache_latents.py): batches carry "latent" instead of
+            "image", and `cache_card` gives the cache's identity for stage 2 to check.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None, resolution: int,
@@ -32,7 +36,7 @@ class WebDataModule(L.LightningDataModule):
                  crop: Literal["center", "random"] = "random", flip: bool = True, min_side: int = 8,
                  max_pixels: int = DEFAULT_MAX_PIXELS, metadata_filters: dict[str, float] | None = None,
                  samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, latents: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -42,7 +46,7 @@ class WebDataModule(L.LightningDataModule):
         self.crop, self.flip, self.min_side, self.max_pixels = crop, flip, min_side, max_pixels
         self.metadata_filters = dict(metadata_filters) if metadata_filters else None
         self.samples_per_shard, self.shuffle_buffer, self.seed = samples_per_shard, shuffle_buffer, seed
-        self.pin_memory = pin_memory
+        self.pin_memory, self.latents = pin_memory, latents
         self.train_loader: ShardLoader | None = None
         self.val_loader: ShardLoader | None = None
 
@@ -53,7 +57,16 @@ class WebDataModule(L.LightningDataModule):
     def _common(self, rank: int, world_size: int) -> dict:
         return {"resolution": self.resolution, "rank": rank, "world_size": world_size, "min_side": self.min_side,
                 "max_pixels": self.max_pixels, "metadata_filters": self.metadata_filters,
-                "samples_per_shard": self.samples_per_shard, "pin_memory": self.pin_memory, "seed": self.seed}
+                "samples_per_shard": self.samples_per_shard, "pin_memory": self.pin_memory, "seed": self.seed,
+                "latents": self.latents}
+
+    @property
+    def cache_card(self) -> dict | None:
+        """The latent cache's `latent_cache.json` (None for image shards): which autoencoder wrote it."""
+        if not self.latents:
+            return None
+        first = Path(expand_urls(self.train_shards)[0])
+        return read_card(first.parent) | {"path": str(first.parent)}
 
     def setup(self, stage: str | None = None) -> None:
         """Expand and check the shard lists now, so a wrong path fails before training starts."""
@@ -91,3 +104,28 @@ class WebDataModule(L.LightningDataModule):
             self.setup("validate")
         assert self.val_loader is not None
         return self.val_loader
+
+
+class LatentDataModule(WebDataModule):
+    """A latent cache folder (`root/train`, optional `root/val`) written by scripts/cache_latents.py.
+
+    `resolution` must be the one the cache was written at: a cache of another resolution is refused at set-up.
+    """
+
+    def __init__(self, root: str, resolution: int, batch_size: int, **kwargs: Any) -> None:
+        val = Path(root) / "val"
+        super().__init__(train_shards=str(Path(root) / "train"), val_shards=str(val) if val.is_dir() else None,
+                         resolution=resolution, batch_size=batch_size, latents=True, **kwargs)
+        self.root = root
+
+    def setup(self, stage: str | None = None) -> None:
+        if not (Path(self.root) / "train").is_dir():
+            raise FileNotFoundError(f"data.root={self.root} has no train/ folder: write the cache first with "
+                                    "python scripts/cache_latents.py autoencoder=<export> source=<shards> "
+                                    f"out={self.root} resolution={self.resolution}")
+        card = self.cache_card or {}
+        if card.get("resolution") != self.resolution:
+            raise ValueError(f"The latent cache {self.root} was written at resolution {card.get('resolution')}, but "
+                             f"data.resolution={self.resolution}. Re-cache at {self.resolution} or set "
+                             f"data.resolution={card.get('resolution')}.")
+        super().setup(stage)

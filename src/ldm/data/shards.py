@@ -85,7 +85,9 @@ def encode_image(img: Image.Image, image_format: ImageFormat = "jpg", *, max_sid
     return buf.getvalue(), meta
 
 
-def _write_one_shard(path: Path, records: list[dict[str, Any]], t_start: float) -> None:
+def write_shard(path: Path, records: list[dict[str, Any]], t_start: float) -> None:
+    """One tar of ready-encoded records (`__key__` + extension -> bytes) and its img2dataset `_stats.json`,
+    written under a temporary name first."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
         for record in records:
@@ -113,7 +115,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, shard
     def flush() -> None:
         nonlocal records, t_start
         path = out / f"{prefix}{len(summary.shards):05d}.tar"
-        _write_one_shard(path, records, t_start)
+        write_shard(path, records, t_start)
         summary.shards.append(path)
         summary.counts.append(len(records))
         records, t_start = [], time.time()

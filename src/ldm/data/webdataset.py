@@ -21,6 +21,7 @@ after its last batch ride on that batch; they are lost only when no further batc
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import tarfile
@@ -41,7 +42,8 @@ from ldm.data.shards import expand_urls, shard_sample_counts
 from ldm.data.transforms import ImageTransform, SkipSample, to_unit_range
 
 SKIP_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "bad_shard",
-               "filtered", "padded_batches")
+               "filtered", "corrupt_latent", "padded_batches")
+LATENT_EXTENSION = "latent.npy"  # cached posterior of one image: (2, c, h, w) = (mean, std), see data/latent_cache
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
 _MAX_CONSECUTIVE_SKIPS = 10_000  # resampled mode: give up instead of spinning on unusable data
@@ -186,8 +188,9 @@ def passes_filters(meta: dict[str, Any], filters: dict[str, float]) -> bool:
 def collate(samples: list[dict[str, Any]], skips: Counter) -> Batch:
     # Workers ship uint8 (4x less to copy) and default_collate stacks straight into shared memory, so the
     # hand-off to the main process copies nothing; ShardLoader converts to float there.
+    field = "latent" if "latent" in samples[0] else "image"
     return {
-        "image": default_collate([s["image"] for s in samples]),  # (B, 3, H, W) uint8
+        field: default_collate([s[field] for s in samples]),  # image (B, 3, H, W) uint8 | latent (B, 2, c, h, w)
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "skips": {cause: int(skips[cause]) for cause in SKIP_CAUSES},
@@ -226,6 +229,7 @@ class ShardDataset(IterableDataset):
             raise SkipSample("missing_image")
         image = self.transform.decode_uint8(data, rng, min_side=self.min_side, max_pixels=self.max_pixels)
         return {"image": image, "caption": caption, "key": raw["__key__"]}
+
 
     def _shards(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.mode == "epoch":
@@ -283,6 +287,23 @@ class ShardDataset(IterableDataset):
         yield from self._batches(self._decoded(raws, rng))
 
 
+class LatentShardDataset(ShardDataset):
+    """The same sharding, shuffling and skipping over latent shards written by `ldm.data.latent_cache`."""
+
+    def decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except (KeyError, UnicodeDecodeError) as e:
+            raise SkipSample("bad_caption", repr(e)) from e
+        try:
+            latent = torch.from_numpy(np.load(io.BytesIO(raw[LATENT_EXTENSION]), allow_pickle=False))
+        except (KeyError, ValueError, OSError) as e:
+            raise SkipSample("corrupt_latent", repr(e)) from e
+        if latent.ndim != 4 or latent.shape[0] != 2 or not bool(latent.isfinite().all()):
+            raise SkipSample("corrupt_latent", f"shape {tuple(latent.shape)} or non-finite values")
+        return {"latent": latent, "caption": caption, "key": raw["__key__"]}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loader (what a LightningDataModule returns)
 
@@ -298,6 +319,8 @@ class ShardLoader:
         drop_last: True drops each worker's partial batch and equalises ranks (see module docstring);
             False keeps every sample and never pads, for single-rank validation.
         samples_per_shard: overrides the per-shard counts (for remote shards without `_stats.json`).
+        latents: read latent shards (`ldm.data.latent_cache`): batches carry "latent" (B, 2, c, h, w) = posterior
+            (mean, std) instead of "image"; resolution, crop and flip then play no part.
     """
 
     def __init__(self, shards: str | Sequence[str], *, batch_size: int, resolution: int,
@@ -306,7 +329,7 @@ class ShardLoader:
                  shuffle_buffer: int = 500, drop_last: bool = True, crop: Literal["center", "random"] = "random",
                  flip: bool = True, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
                  metadata_filters: dict[str, float] | None = None, samples_per_shard: int | None = None,
-                 seed: int = 0, pin_memory: bool = False):
+                 seed: int = 0, pin_memory: bool = False, latents: bool = False):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
@@ -322,7 +345,7 @@ class ShardLoader:
         self.batch_size, self.batches_per_epoch, self.drop_last = batch_size, batches_per_epoch, drop_last
         self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
         self.max_pixels = max_pixels
-        self.shard_dataset = ShardDataset(
+        self.shard_dataset = (LatentShardDataset if latents else ShardDataset)(
             self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip), mode=mode,
             rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
             drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters)
@@ -385,7 +408,8 @@ class ShardLoader:
             for batch in islice(self._dataloader(), n - done):  # stop without pulling a surplus batch
                 if padding:  # repeats: only the padding counter, so totals don't count a skip twice
                     batch["skips"] = {cause: int(cause == "padded_batches") for cause in SKIP_CAUSES}
-                batch["image"] = self._to_float(batch["image"])
+                if "image" in batch:
+                    batch["image"] = self._to_float(batch["image"])
                 yield batch
                 done, produced = done + 1, produced + 1
             if not self.drop_last:

@@ -3,7 +3,7 @@ D(x, sigma[B]) -> x0_hat and x = noise * sigmas[0], and integrates the probabili
 (x = x0 + sigma eps; Karras et al. 2022). Use `ldm.diffusion.spacing` to build ladders for discrete schedules."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,8 +27,17 @@ def _denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
     return denoiser(x, x.new_full((x.shape[0],), sigma))
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else x.device  # a CPU generator gives device-independent noise
+Generator = torch.Generator | Sequence[torch.Generator] | None  # one per sample: noise independent of batching
+
+
+def _noise(x: Tensor, generator: Generator) -> Tensor:
+    """Fresh N(0, I) like x; a CPU generator gives device-independent noise, a list one draw per sample."""
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device)
+                            for g in generator])
+    device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
@@ -46,7 +55,7 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                  callback: StepCallback | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Eq. 4)."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
@@ -59,7 +68,7 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: to
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                            callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
     """Ancestral Euler: an Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion; Song et al. 2021)."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
@@ -74,7 +83,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, gen
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                 callback: StepCallback | None = None, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12) in VE form: x' = x0 + sigma_down eps + sigma_up z. With eta = 0 this is the
     deterministic DDIM, identical to Euler in VE form; eta = 1 recovers DDPM."""
@@ -91,7 +100,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: tor
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                 callback: StepCallback | None = None) -> Tensor:
     """Ancestral DDPM: sample the posterior q(x' | x, x0 = D(x)) (Ho et al. 2020, Eq. 6-7, "fixed_small" variance),
     in VE form: mean x0 + (sigma'/sigma)^2 (x - x0), variance sigma'^2 (1 - (sigma'/sigma)^2)."""
@@ -111,7 +120,7 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: tor
 
 
 @torch.no_grad()
-def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                 callback: StepCallback | None = None) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1, no churn); Euler for the last step to sigma = 0."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
@@ -130,7 +139,7 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: tor
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                     callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2) in lambda = -ln sigma; first order at both
     ends, as diffusers' DPMSolverMultistepScheduler(solver_order=2) with final_sigmas_type="zero"."""
@@ -153,7 +162,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                         callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Appendix; k-diffusion's midpoint variant); eta = 1
     matches diffusers' algorithm_type="sde-dpmsolver++", eta = 0 gives DPM-Solver++(2M)."""

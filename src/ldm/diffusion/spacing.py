@@ -1,29 +1,42 @@
 """Sampling ladders for discrete (DDPM) schedules: diffusers' `leading` / `trailing` / `linspace` timestep spacings
-(Lin et al. 2023, Table 2) or Karras sigmas (Karras et al. 2022, Eq. 5), returned as descending VE sigmas ending in 0.
+(Lin et al. 2023, Table 2), Karras sigmas (Karras et al. 2022, Eq. 5) or sigmas uniform in log-SNR (Lu et al. 2022),
+returned as descending VE sigmas ending in 0.
 
 Zero terminal SNR: the last training step has sigma = inf, and x = noise * inf cannot be sampled. We replace it by
 `ZERO_SNR_SIGMA` = sqrt((1 - 2^-24) / 2^-24) ~ 4096, the value diffusers uses (it sets alpha_bar[-1] = 2^-24), so
 ladders match diffusers' schedulers exactly. At that sigma the signal is 2^-12 of the VP input, a v-prediction
 denoiser differs from its SNR = 0 limit by O(sigma^-2), a first step to sigma_1 differs from the exact SNR = 0 step by
-O(sigma_1 / 4096), and x = noise * sigma stays inside fp16's range. Caveat: DiscreteSchedule.sigma_to_t maps any
-finite sigma above the last finite knot to t = T - 2, so a timestep-conditioned Denoiser sees T - 2 at that first step.
+O(sigma_1 / 4096), and x = noise * sigma stays inside fp16's range. DiscreteSchedule.sigma_to_t maps the stand-in to
+t = T - 1, so a timestep-conditioned Denoiser sees the zero-SNR step there, as in diffusers.
 """
 
+import math
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import DiscreteSchedule, sigmas_karras
+from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule, sigmas_karras
 
-Spacing = Literal["leading", "trailing", "linspace"]
+Spacing = Literal["leading", "trailing", "linspace"]  # timestep spacings
+SigmaSpacing = Literal["karras", "exponential"]  # spaced in sigma between the schedule's ends
 SPACINGS: tuple[str, ...] = get_args(Spacing)
+SIGMA_SPACINGS: tuple[str, ...] = get_args(SigmaSpacing)
 ZERO_SNR_SIGMA: float = (2.0**24 - 1) ** 0.5  # VE sigma at alpha_bar = 2^-24
 
 
 def finite_sigmas(sigmas: Tensor, max_sigma: float = ZERO_SNR_SIGMA) -> Tensor:
     """Replace infinite sigmas (SNR = 0) by max_sigma; see the module docstring for why ZERO_SNR_SIGMA."""
     return torch.where(torch.isinf(sigmas), torch.full_like(sigmas, max_sigma), sigmas)
+
+
+def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """n float64 sigmas from sigma_max down to sigma_min, uniform in ln(sigma) = -log-SNR / 2 (DPM-Solver's "logSNR"
+    steps, Lu et al. 2022, arXiv:2206.00927), then 0: diffusers' `use_exponential_sigmas` and DPM-Solver's `use_lu_lambdas`."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])  # (n + 1,)
 
 
 def spaced_timesteps(num_timesteps: int, n: int, spacing: Spacing = "leading", steps_offset: int = 0) -> Tensor:
@@ -54,10 +67,18 @@ def sigmas_at_timesteps(table: Tensor, timesteps: Tensor) -> Tensor:
     return table[low] + w * (table[low + 1] - table[low])
 
 
+def _sigma_spaced(spacing: SigmaSpacing, n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    if spacing == "karras":
+        return sigmas_karras(n, sigma_min, sigma_max, rho).to(torch.float64)
+    return sigmas_exponential(n, sigma_min, sigma_max)
+
+
 def discrete_sigmas(
     schedule: DiscreteSchedule,
     n: int,
-    spacing: Spacing | Literal["karras"] = "leading",
+    spacing: Spacing | SigmaSpacing = "leading",
     *,
     steps_offset: int = 0,
     rho: float = 7.0,
@@ -65,14 +86,47 @@ def discrete_sigmas(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """(n + 1,) descending VE sigmas ending in 0: a timestep spacing, or "karras" (Karras et al. 2022, Eq. 5) between
-    the schedule's sigma_min and (finite) sigma_max. An infinite sigma (zero terminal SNR) becomes max_sigma."""
+    """(n + 1,) descending VE sigmas ending in 0: a timestep spacing, or one in sigma between the schedule's sigma_min
+    and (finite) sigma_max: "karras" (Karras et al. 2022, Eq. 5, with rho) or "exponential" (uniform in log-SNR,
+    `sigmas_exponential`). An infinite sigma (zero terminal SNR) becomes max_sigma; ladders equal diffusers'."""
+    if spacing not in SPACINGS + SIGMA_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS + SIGMA_SPACINGS}")
     table = finite_sigmas(schedule.sigmas, max_sigma)  # (T,) float64, increasing in t
-    if spacing == "karras":
-        if n < 1:
-            raise ValueError(f"number of steps must be >= 1, got {n}")
-        sigmas = sigmas_karras(n, table[0].item(), table[-1].item(), rho).to(torch.float64)
+    if spacing in SIGMA_SPACINGS:
+        sigmas = _sigma_spaced(spacing, n, table[0].item(), table[-1].item(), rho)
     else:
         timesteps = spaced_timesteps(schedule.num_timesteps, n, spacing, steps_offset)
         sigmas = torch.cat([sigmas_at_timesteps(table, timesteps), table.new_zeros(1)])
     return sigmas.to(device=device, dtype=dtype)
+
+
+def sampling_sigmas(
+    schedule: NoiseSchedule,
+    n: int,
+    spacing: Spacing | SigmaSpacing = "trailing",
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(n + 1,) descending finite VE sigmas ending in 0 for any schedule: `discrete_sigmas` for DDPM schedules; for
+    continuous ones "karras" or "exponential" between the schedule's ends, or (any other spacing) t evenly spaced."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    if schedule.discrete:
+        return discrete_sigmas(schedule, n, spacing, device=device)
+    ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))
+    if spacing in SIGMA_SPACINGS:
+        return _sigma_spaced(spacing, n, ends[0].item(), ends[1].item()).to(device=device, dtype=torch.float32)
+    return finite_sigmas(schedule.get_sigmas(n)).to(device=device, dtype=torch.float32)
+
+
+def strength_sigmas(sigmas: Tensor, strength: float) -> Tensor:
+    """The tail of an (n + 1,) ladder that img2img runs: the last int(n * strength) steps, as diffusers'
+    img2img pipelines (strength 1 keeps the whole ladder, i.e. starts from pure noise)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n = len(sigmas) - 1
+    keep = min(n, int(n * strength))
+    if keep < 1:
+        raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise steps or strength "
+                         f"(at least {1 / n:.3g}).")
+    return sigmas[n - keep:]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.schedules import vp_from_logsnr
 from ldm.lightning.nonfinite import NonFiniteGuard
@@ -92,6 +93,14 @@ class DiffusionModule(L.LightningModule):
         """Images in [-1, 1] -> normalized latents (the autoencoder owns the scale/shift)."""
         return self.autoencoder.normalize(self.autoencoder.encode(images).sample())
 
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """Normalized latents of a batch: drawn from a cached posterior ("latent": (B, 2, c, h, w) = mean, std) as
+        `encode().sample()` would, or encoded from "image"."""
+        if "latent" not in batch:
+            return self.encode_images(batch["image"])
+        mean, std = batch["latent"].to(self.device, torch.float32).unbind(1)
+        return self.autoencoder.normalize(mean + std * torch.randn_like(mean))
+
     def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Tensor, Tensor]:
         """Token states (B, L, D), with each caption replaced by the empty prompt with `drop_prob`."""
         context = self.text_encoder.encode(list(captions)).token_states.to(self.device)
@@ -101,9 +110,14 @@ class DiffusionModule(L.LightningModule):
             context = torch.where(drop[:, None, None], null, context)
         return context, drop
 
+    def on_fit_start(self) -> None:
+        card = getattr(getattr(self.trainer, "datamodule", None), "cache_card", None)
+        if card is not None:  # training from a latent cache: it must come from this very autoencoder
+            check_cache(card, self.autoencoder, f"the latent cache {card.get('path', '')}")
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        z = self.encode_images(batch["image"])  # (B, c, H/f, W/f)
+        z = self.latents(batch)  # (B, c, H/f, W/f)
         context, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
         out = self.loss(self.unet, z, context)
         loss = out.loss.mean()
@@ -138,7 +152,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        z = self.encode_images(batch["image"])
+        z = self.latents(batch)
         context, _ = self.embed_captions(batch["caption"])
         bs = z.shape[0]
         generator = torch.Generator(device=z.device).manual_seed(batch_idx)  # same noise for every run
@@ -156,10 +170,10 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Frozen parts come from their own files; keeping them out saves ~1.5 GB per SD-size checkpoint."""
+        """Frozen parts that come from their own files stay out (~1.5 GB per SD-size checkpoint); a frozen but
+        randomly initialised text encoder stays in, since nothing else could rebuild it for sampling."""
         state = super().state_dict(*args, **kwargs)
-        frozen_prefixes = ["autoencoder."] + (["text_encoder."] if not any(
-            p.requires_grad for p in self.text_encoder.parameters()) else [])
+        frozen_prefixes = ["autoencoder."] + (["text_encoder."] if self.text_encoder.rebuildable else [])
         return {k: v for k, v in state.items() if not any(k.startswith(p) for p in frozen_prefixes)}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:

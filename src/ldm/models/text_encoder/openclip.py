@@ -92,6 +92,7 @@ class OpenCLIPTextEncoder(nn.Module):
         if layer == "penultimate" and num_layers < 2:
             raise ValueError(f"layer='penultimate' needs at least 2 blocks; {model_name} has {num_layers}")
         self.model_name, self.layer, self.freeze = model_name, layer, freeze
+        self.pretrained = pretrained  # None: random init, so only a checkpoint can reproduce these weights
         self._grad_from = set_trainable(self.text, freeze, trainable_layers)  # first block that trains
         self._tokenizer = open_clip.get_tokenizer(model_name, context_length=self.context_length)
         self._warned_truncation = False
@@ -99,6 +100,11 @@ class OpenCLIPTextEncoder(nn.Module):
         self._null_key: tuple[torch.device, torch.dtype] | None = None
         self.register_load_state_dict_post_hook(_drop_null_cache)
         self.train(not freeze)
+
+    @property
+    def rebuildable(self) -> bool:
+        """True when the constructor alone restores these weights: frozen and loaded from `pretrained`."""
+        return self.freeze and self.pretrained is not None
 
     @property
     def width(self) -> int:

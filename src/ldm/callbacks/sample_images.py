@@ -1,0 +1,89 @@
+"""Samples a fixed set of prompts with fixed seeds every N steps (and at the end) with the EMA weights, and logs the
+grid, so runs of a sweep show the same images at the same steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.callbacks.ema import EMA
+from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.utils.images import image_grid, log_image_grid
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class SampleImages(L.Callback):
+    """Generate `prompts` x `images_per_prompt` on rank 0 in batches of `batch_size` (small: sampling at 256 px
+    runs beside the training state in GPU memory), one grid row per prompt.
+
+    Args:
+        every_n_steps: sample when the global step is a multiple of this; 0 only at the end of training.
+        use_ema: sample with the EMA callback's weights when the run has one.
+    """
+
+    def __init__(self, prompts: Sequence[str], images_per_prompt: int = 4, seed: int = 0, every_n_steps: int = 1000,
+                 sampler: str = "dpmpp_2m", steps: int = 25, spacing: str = "trailing", guidance: float = 5.0,
+                 guidance_rescale: float = 0.0, batch_size: int = 8, use_ema: bool = True,
+                 resolution: int | None = None) -> None:
+        if not prompts:
+            raise ValueError("SampleImages needs at least one prompt")
+        self.prompts, self.images_per_prompt, self.seed = list(prompts), images_per_prompt, seed
+        self.every_n_steps, self.batch_size, self.use_ema, self.resolution = every_n_steps, batch_size, use_ema, \
+            resolution
+        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
+                        "guidance_rescale": guidance_rescale}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    @torch.no_grad()
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """Generate and log the grid; returns the images (P * N, 3, H, W) in [-1, 1]."""
+        self._last_step = trainer.global_step
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "unet"), None)
+        jobs = [(p, self.seed + i) for p in self.prompts for i in range(self.images_per_prompt)]
+        was_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            with ema.averaged(pl_module) if (ema is not None and self.use_ema) else _nothing():
+                pipeline = self.pipeline(trainer, pl_module)
+                images = torch.cat([pipeline.generate([p for p, _ in chunk], [s for _, s in chunk],
+                                                      **self.options).images.cpu()
+                                    for chunk in (jobs[i:i + self.batch_size]
+                                                  for i in range(0, len(jobs), self.batch_size))])
+        finally:
+            pl_module.unet.train(was_training)
+        grid = image_grid(images, nrow=self.images_per_prompt)
+        out_dir = Path(trainer.default_root_dir) / "images" if trainer.default_root_dir else None
+        log_image_grid(trainer.loggers, "samples", grid, trainer.global_step, fallback_dir=out_dir,
+                       caption=" | ".join(self.prompts))
+        return images
+
+    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule) -> LatentDiffusionPipeline:
+        resolution = self.resolution or getattr(getattr(trainer, "datamodule", None), "resolution", None)
+        return LatentDiffusionPipeline(pl_module.unet, pl_module.text_encoder, pl_module.autoencoder,
+                                       pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

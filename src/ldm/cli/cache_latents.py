@@ -1,0 +1,56 @@
+"""`python scripts/cache_latents.py autoencoder=... source=... out=... resolution=...`: image shards -> latent shards
+(see `ldm.data.latent_cache`), split over the processes of a torchrun / srun launch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from ldm.cli.train import CONF_DIR
+from ldm.data.latent_cache import cache_latents
+from ldm.models.autoencoder.export import load_autoencoder
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+SPLITS = ("train", "val")
+
+
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's or SLURM's environment; (0, 1) for a plain launch."""
+    for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in os.environ and size_key in os.environ:
+            return int(os.environ[rank_key]), int(os.environ[size_key])
+    return 0, 1
+
+
+def run(cfg: DictConfig) -> None:
+    rank, world_size = launch_rank()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and world_size > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype must be float32 or float16, got {cfg.dtype!r}")
+    autoencoder = load_autoencoder(cfg.autoencoder).eval().to(device)
+    source = Path(str(cfg.source))
+    splits = [s for s in SPLITS if (source / s).is_dir()] if source.is_dir() else []
+    jobs = [(str(source / s), Path(cfg.out) / s) for s in splits] or [(cfg.source, Path(cfg.out))]
+    for src, out in jobs:
+        summary = cache_latents(autoencoder, src, out, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                                rank=rank, world_size=world_size, dtype=dtype)
+        skipped = ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) or "none"
+        log.info(f"[rank {rank}] {out}: {summary.samples} samples in {len(summary.written)} new shards, "
+                 f"{len(summary.resumed)} already done; skipped: {skipped}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cache_latents")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Latent shards: the frozen autoencoder's posterior (mean, std) of every image in image-text shards, computed once
+so that stage 2 does not re-encode each image every epoch (Rombach et al. 2022 train on such caches too).
+
+One latent shard per source shard, same file name, same keys, same img2dataset `_stats.json`, so the sharded loader
+reads them unchanged. `latent_cache.json` in the cache folder records the autoencoder's identity (a hash of its
+weights, which include the latent statistics) and the resolution; training refuses a cache made with another one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ldm.data.shards import expand_urls, stats_path, write_shard
+from ldm.data.webdataset import LATENT_EXTENSION, ShardLoader
+from ldm.models.autoencoder.export import weights_hash
+from ldm.models.autoencoder.kl import AutoencoderKL
+
+CARD = "latent_cache.json"
+
+
+@dataclass
+class CacheSummary:
+    written: list[Path] = field(default_factory=list)
+    resumed: list[Path] = field(default_factory=list)  # already complete from an earlier run: left as they are
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def cache_identity(autoencoder: AutoencoderKL, resolution: int) -> dict[str, Any]:
+    """What a cache must agree on with the model that trains from it."""
+    return {"autoencoder_sha256": weights_hash(autoencoder), "resolution": int(resolution),
+            "latent_channels": autoencoder.latent_channels, "downsample_factor": autoencoder.downsample_factor}
+
+
+def read_card(cache_dir: str | Path) -> dict[str, Any]:
+    path = Path(cache_dir) / CARD
+    if not path.is_file():
+        raise FileNotFoundError(f"{cache_dir} has no {CARD}: not a latent cache. Write one with "
+                                "python scripts/cache_latents.py autoencoder=<export> source=<shards> out=<dir>.")
+    return json.loads(path.read_text())
+
+
+def check_cache(card: dict[str, Any], autoencoder: AutoencoderKL, where: str = "the latent cache") -> None:
+    """Refuse a cache whose latents came from another autoencoder (or latent statistics)."""
+    expected = weights_hash(autoencoder)
+    if card.get("autoencoder_sha256") != expected:
+        raise ValueError(
+            f"{where} was written with autoencoder {card.get('autoencoder_sha256')} ({card.get('autoencoder')}), but "
+            f"this model's autoencoder is {expected}: its latents would be meaningless here. Re-run "
+            "scripts/cache_latents.py with this autoencoder, or point model.autoencoder.path at the cache's one.")
+
+
+def _npy(array: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array.numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def cache_shard(autoencoder: AutoencoderKL, url: str, out_path: Path, *, resolution: int, batch_size: int = 64,
+                dtype: torch.dtype = torch.float32, summary: CacheSummary | None = None) -> int:
+    """Encode one image shard (centre crop, no flip) into `out_path`; returns the samples written."""
+    device = next(autoencoder.parameters()).device
+    loader = ShardLoader(url, batch_size=batch_size, resolution=resolution, mode="epoch", num_workers=0,
+                         shuffle=False, shuffle_buffer=0, drop_last=False, crop="center", flip=False)
+    records, start = [], time.time()
+    for batch in loader:
+        posterior = autoencoder.encode(batch["image"].to(device))
+        moments = torch.stack([posterior.mean, posterior.std], dim=1).to("cpu", dtype)  # (B, 2, c, h, w)
+        for key, caption, latent in zip(batch["key"], batch["caption"], moments):
+            records.append({"__key__": key, "txt": caption.encode("utf-8"), LATENT_EXTENSION: _npy(latent)})
+        if summary is not None:
+            summary.skipped.update({k: v for k, v in batch["skips"].items() if v})
+    write_shard(out_path, records, start)
+    return len(records)
+
+
+def cache_latents(autoencoder: AutoencoderKL, source: str | Sequence[str], out_dir: str | Path, *, resolution: int,
+                  batch_size: int = 64, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+                  progress: bool = True) -> CacheSummary:
+    """Encode every shard of `source` into `out_dir`, shard i on rank i % world_size. Finished shards (tar and
+    stats present) are skipped, so an interrupted run resumes where it stopped."""
+    urls = expand_urls(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {**cache_identity(autoencoder, resolution), "dtype": str(dtype).removeprefix("torch."),
+                "source": [str(u) for u in urls], "autoencoder": autoencoder.config}
+    card_path = out / CARD
+    if card_path.is_file():
+        check_cache(read_card(out), autoencoder, f"the existing cache in {out}")
+    elif rank == 0:
+        card_path.write_text(json.dumps(identity, indent=2))
+    summary = CacheSummary()
+    mine = urls[rank::world_size]
+    for url in tqdm(mine, desc=f"caching latents (rank {rank})", unit="shard", disable=not progress):
+        target = out / Path(url).name
+        if target.is_file() and stats_path(target).is_file():
+            summary.resumed.append(target)
+            continue
+        summary.samples += cache_shard(autoencoder, url, target, resolution=resolution, batch_size=batch_size,
+                                       dtype=dtype, summary=summary)
+        summary.written.append(target)
+    return summary

@@ -1,0 +1,147 @@
+"""Rebuild a LatentDiffusionPipeline from a stage-2 training checkpoint (plus the resolved config train.py writes
+beside it) or from an exported folder, with the EMA or the raw UNet weights; and write such an export.
+
+Export layout (`export_pipeline`): `pipeline.yaml` (the parts' configs, the resolution, which weights), the UNet as
+`unet.safetensors`, the text encoder as `text_encoder.safetensors` when no pretrained file can rebuild it, and the
+stage-1 export under `autoencoder/`. Like `cli/train.build`, this module turns configs into objects.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.models.autoencoder.export import export_autoencoder
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+RESOLVED_CONFIG = "config_resolved.yaml"
+EXPORT_CARD, UNET_FILE, TEXT_FILE, AUTOENCODER_DIR = "pipeline.yaml", "unet.safetensors", "text_encoder.safetensors", \
+    "autoencoder"
+
+
+def find_run_config(ckpt: Path) -> Path:
+    """`<run>/config_resolved.yaml` for `<run>/checkpoints/<name>.ckpt` (or beside the file)."""
+    for directory in (ckpt.parent.parent, ckpt.parent):
+        if (directory / RESOLVED_CONFIG).is_file():
+            return directory / RESOLVED_CONFIG
+    raise FileNotFoundError(f"No {RESOLVED_CONFIG} beside {ckpt} or in {ckpt.parent.parent}: train.py writes it into "
+                            "the run folder. Pass config=<that file>, or sample from an export instead.")
+
+
+def ema_state(ckpt: dict[str, Any], attribute: str = "unet") -> tuple[dict[str, torch.Tensor], int] | None:
+    """The EMA callback's (state dict, number of updates) of `attribute` in a Lightning checkpoint, if any."""
+    for state in ckpt.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("attribute") == attribute and "state_dict" in state:
+            return state["state_dict"], int(state["num_updates"])
+    return None
+
+
+def _load_lightning(path: Path, config: Path | None, ema: bool | None) -> tuple[DictConfig, dict, dict | None, str]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("ldm", {})
+    if meta.get("stage") != "diffusion":
+        raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm "
+                         f"(ckpt['ldm']['stage'] = {meta.get('stage')!r}); sample.py needs one from experiment=ldm_*.")
+    cfg = OmegaConf.load(config or find_run_config(path))
+    state = ckpt["state_dict"]
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    text = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")} or None
+    averaged = ema_state(ckpt)
+    if ema and averaged is None:
+        raise ValueError(f"{path} holds no EMA weights (the run had no `ema` callback); pass ema=false for the raw ones.")
+    weights = "raw"
+    if averaged is not None and ema is not False:
+        unet, weights = averaged[0], f"ema ({averaged[1]} updates)"
+    return cfg.model, {"unet": unet, "text_encoder": text}, cfg.get("data"), weights
+
+
+def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Path | None = None,
+                  autoencoder: str | Path | None = None, device: str | torch.device = "cpu"
+                  ) -> LatentDiffusionPipeline:
+    """A pipeline from a stage-2 `.ckpt` or an export folder.
+
+    Args:
+        ema: True requires EMA weights, False takes the raw ones, None takes EMA when the checkpoint has it.
+        config: the run's resolved config, when it is not at `<run>/config_resolved.yaml`.
+        autoencoder: the stage-1 export to use instead of the path recorded in the config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist. Pass ckpt=<run>/checkpoints/last.ckpt of a stage-2 "
+                                "run (python train.py experiment=ldm_tiny ...) or an export folder.")
+    if path.is_dir():
+        card = OmegaConf.load(path / EXPORT_CARD) if (path / EXPORT_CARD).is_file() else None
+        if card is None:
+            raise FileNotFoundError(f"{path} is a folder without {EXPORT_CARD}: not an ldm pipeline export.")
+        model_cfg, data_cfg, weights = card.model, {"resolution": card.resolution}, str(card.weights)
+        states = {"unet": load_file(str(path / UNET_FILE)),
+                  "text_encoder": load_file(str(path / TEXT_FILE)) if (path / TEXT_FILE).is_file() else None}
+        autoencoder = autoencoder or path / AUTOENCODER_DIR
+    else:
+        model_cfg, states, data_cfg, weights = _load_lightning(path, Path(config) if config else None, ema)
+    pipeline = build_pipeline(model_cfg, autoencoder=autoencoder,
+                              resolution=(data_cfg or {}).get("resolution"))
+    _load_part(pipeline.unet, states["unet"], "UNet", path)
+    if states["text_encoder"] is not None:
+        _load_part(pipeline.text_encoder, states["text_encoder"], "text encoder", path)
+    elif not pipeline.text_encoder.rebuildable:
+        raise ValueError(f"{path} has no text-encoder weights and its config has none to load (pretrained=null).")
+    pipeline.weights = weights
+    log.info(f"Loaded {path} ({weights} UNet weights)")
+    return pipeline.eval().requires_grad_(False).to(device)
+
+
+def build_pipeline(model_cfg: DictConfig, *, autoencoder: str | Path | None = None,
+                   resolution: int | None = None) -> LatentDiffusionPipeline:
+    """The parts of a stage-2 model config (`model.unet`, `.text_encoder`, `.autoencoder`, `.loss.schedule`,
+    `.loss.parameterization`), without the optimizer or the Lightning module."""
+    ae_cfg = OmegaConf.merge(model_cfg.autoencoder, {"path": str(autoencoder)} if autoencoder else {})
+    if not Path(ae_cfg.path).exists():
+        raise FileNotFoundError(f"The autoencoder this model was trained with, {ae_cfg.path}, is missing; pass "
+                                "autoencoder=<stage-1 export folder>.")
+    return LatentDiffusionPipeline(
+        unet=hydra.utils.instantiate(model_cfg.unet),
+        text_encoder=hydra.utils.instantiate(model_cfg.text_encoder),
+        autoencoder=hydra.utils.instantiate(ae_cfg),
+        schedule=hydra.utils.instantiate(model_cfg.loss.schedule),
+        parameterization=hydra.utils.instantiate(model_cfg.loss.parameterization),
+        resolution=resolution,
+    )
+
+
+def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"The {what} weights in {path} do not match the configured {what}: missing "
+                         f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}. Was the checkpoint "
+                         "trained with another config?")
+
+
+def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None = None,
+                    config: str | Path | None = None, autoencoder: str | Path | None = None) -> Path:
+    """Write a self-contained export of a stage-2 checkpoint (see the module docstring); returns `out_dir`."""
+    ckpt, out = Path(ckpt), Path(out_dir)
+    model_cfg, states, data_cfg, weights = _load_lightning(ckpt, Path(config) if config else None, ema)
+    pipeline = build_pipeline(model_cfg, autoencoder=autoencoder)  # checks that every part loads
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in states["unet"].items()}, str(out / UNET_FILE))
+    if states["text_encoder"] is not None:
+        save_file({k: v.contiguous() for k, v in states["text_encoder"].items()}, str(out / TEXT_FILE))
+    if (out / AUTOENCODER_DIR).exists():
+        shutil.rmtree(out / AUTOENCODER_DIR)
+    export_autoencoder(pipeline.autoencoder, out / AUTOENCODER_DIR)
+    parts = {k: model_cfg[k] for k in ("unet", "text_encoder", "autoencoder")}
+    parts["autoencoder"] = OmegaConf.merge(parts["autoencoder"], {"path": AUTOENCODER_DIR})
+    parts["loss"] = {"schedule": model_cfg.loss.schedule, "parameterization": model_cfg.loss.parameterization}
+    card = {"model": parts, "resolution": (data_cfg or {}).get("resolution"), "weights": weights,
+            "source": str(ckpt.resolve())}
+    OmegaConf.save(OmegaConf.create(card), out / EXPORT_CARD)
+    return out

@@ -1,0 +1,205 @@
+"""Text-to-image, image variations (img2img) and inpainting from the three trained parts: prompts -> token states,
+noise -> latents by a sampler over the classifier-free-guided denoiser, latents -> pixels by the autoencoder.
+
+The formulas live in `ldm.diffusion`; this file only wires them. One `generate` covers the three modes, because
+they differ only in where denoising starts (strength) and what is held fixed (mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.guidance import cfg_denoiser
+from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
+from ldm.diffusion.parameterization import Denoiser, Parameterization
+from ldm.diffusion.samplers import get_sampler
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.spacing import sampling_sigmas, strength_sigmas
+from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, x, denoised latents)
+
+
+@dataclass
+class Generation:
+    """What `generate` returns; `finite[i]` is False when image i holds NaN/Inf (never silently saved)."""
+
+    images: Tensor  # (B, 3, H, W) in [-1, 1]
+    latents: Tensor  # (B, c, H/f, W/f) normalized latents
+    finite: Tensor  # (B,) bool
+
+
+class LatentDiffusionPipeline(nn.Module):
+    """The inference view of a stage-2 model: UNet + text encoder + autoencoder + the schedule it was trained on.
+
+    Args:
+        schedule: the training noise schedule; it fixes the sampling ladder's ends (and zero terminal SNR).
+        parameterization: how the UNet's output turns into a denoised estimate (eps / v / x0 / EDM).
+        resolution: the training image size, the default height and width.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: OpenCLIPTextEncoder, autoencoder: AutoencoderKL,
+                 schedule: NoiseSchedule, parameterization: Parameterization, resolution: int | None = None) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.weights = "raw"  # which UNet weights were loaded ("ema (N updates)" / "raw"), for the records
+        self.unet, self.text_encoder, self.autoencoder = unet, text_encoder, autoencoder  # modes left as given:
+        self.schedule, self.parameterization = schedule, parameterization  # a training callback shares the parts
+        self.denoiser = Denoiser(self.unet, parameterization)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along each side (the autoencoder's f), times what the UNet's depth needs."""
+        return self.autoencoder.downsample_factor * getattr(self.unet, "downsampling", 1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse sizes the autoencoder or the UNet cannot take, naming the nearest valid ones."""
+        m = self.latent_factor
+        if height < m or width < m or height % m or width % m:
+            near = lambda v: max(m, round(v / m) * m)  # noqa: E731
+            raise ValueError(
+                f"height and width must be positive multiples of {m} (autoencoder factor "
+                f"{self.autoencoder.downsample_factor} x UNet downsampling {m // self.autoencoder.downsample_factor}); "
+                f"got {height}x{width}, try {near(height)}x{near(width)}.")
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> Tensor:
+        """Token states (B, L, D) of the prompts; "" is the unconditional prompt."""
+        return self.text_encoder.encode(list(prompts)).token_states.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalized latents, the posterior mean (deterministic)."""
+        return self.autoencoder.normalize(self.autoencoder.encode(images.to(self.device)).mode())
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalized latents -> images in [-1, 1] (clamped)."""
+        return self.autoencoder.decode(self.autoencoder.denormalize(latents)).clamp(-1, 1)
+
+    def sigmas(self, steps: int, spacing: str = "trailing") -> Tensor:
+        return sampling_sigmas(self.schedule, steps, spacing, device=self.device)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        negative_prompt: str | Sequence[str] = "",
+        sampler: str = "dpmpp_2m",
+        steps: int = 30,
+        spacing: str = "trailing",
+        guidance: float = 5.0,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        image: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
+        repaint: int = 0,
+        precision: Precision = "fp32",
+        callback: StepCallback | None = None,
+    ) -> Generation:
+        """One image per (prompt, seed); the noise of image i depends only on seeds[i] (a CPU generator), so the
+        same seed gives the same image at any batch size and on any device (up to kernel rounding).
+
+        Args:
+            image: (B or 1, 3, H, W) in [-1, 1]: img2img starts from it noised to `strength`; with `mask`, inpaint.
+            strength: in (0, 1]; the fraction of the ladder run from the noised image (1: start from noise).
+            mask: (B or 1, 1, H, W), 1 = generate, 0 = keep `image` (needs `image`).
+            repaint: 0 blends the known latents into any sampler's steps; R >= 1 runs RePaint with R resamplings
+                per step (DDPM steps; `sampler` is then ignored).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        sample_fn = get_sampler(sampler)
+        if mask is not None and image is None:
+            raise ValueError("inpainting needs the image to keep: pass image= with mask=")
+        if image is not None:
+            height, width = image.shape[-2:]
+        height, width = height or self.default_size, width or self.default_size
+        self.check_size(height, width)
+        batch, f = len(prompts), self.autoencoder.downsample_factor
+        shape = (batch, self.autoencoder.latent_channels, height // f, width // f)
+
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        cond, uncond = self.embed(prompts), self.embed(negatives)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: device-independent noise
+        noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(self.device)
+
+        sigmas = strength_sigmas(self.sigmas(steps, spacing), strength)
+        denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
+        x = noise * sigmas[0]
+        if image is None:
+            latents = sample_fn(denoiser, x, sigmas, generator=generators, callback=callback)
+        else:
+            known = self._batch(self.encode(self._check_image(image)), batch)
+            x = known + x
+            if mask is None:
+                latents = sample_fn(denoiser, x, sigmas, generator=generators, callback=callback)
+            else:
+                m = self._batch(latent_mask(self._check_mask(mask, height, width), shape[-2:]), batch)
+                if repaint > 0:
+                    latents = sample_repaint(denoiser, x, sigmas, known=known, mask=m, resample=repaint,
+                                             generator=generators, callback=callback)
+                else:
+                    latents = sample_fn(known_region_denoiser(denoiser, known, m), x, sigmas,
+                                        generator=generators, callback=callback)
+        images = self.decode(latents.float())
+        finite = latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
+        return Generation(images, latents, finite)
+
+    @property
+    def default_size(self) -> int:
+        """The training resolution when known (set by the loader), else 64 latent cells."""
+        return self.resolution or 64 * self.autoencoder.downsample_factor
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self, denoiser: Denoiser, precision: Precision) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        if precision == "fp32":
+            return denoiser
+        device_type = self.device.type
+
+        def run(x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+            with torch.autocast(device_type, dtype=_DTYPES[precision]):
+                return denoiser(x, sigma, context).float()
+
+        return run
+
+    @staticmethod
+    def _check_image(image: Tensor) -> Tensor:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        return image
+
+    def _check_mask(self, mask: Tensor, height: int, width: int) -> Tensor:
+        if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
+            raise ValueError(f"mask must be (B, 1, {height}, {width}) like the image, got {tuple(mask.shape)}")
+        return mask.to(self.device)
+
+    @staticmethod
+    def _batch(t: Tensor, batch: int) -> Tensor:
+        if t.shape[0] == batch:
+            return t
+        if t.shape[0] != 1:
+            raise ValueError(f"expected a batch of 1 or {batch}, got {t.shape[0]}")
+        return t.expand(batch, *t.shape[1:])
