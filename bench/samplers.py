@@ -15,19 +15,20 @@ so x_ref is what any sampler converges to as NFE grows; integrating on to sigma 
 steps) is measured against the same x_ref, so its truncation counts as error, as it does for the images.
 
 Error: ||x - x_ref|| / ||x_ref|| per sample, median over samples. Deterministic samplers (euler, heun, ddim with
-eta = 0, dpmpp_2m) are compared per sample; stochastic ones have no per-sample reference, so their table gives a
+eta = 0, dpmpp_2m, unipc) are compared per sample; stochastic ones have no per-sample reference, so their table gives a
 distribution statistic instead: E[z^2] with z = (x - mu_k) / s_k for the most likely component k (1 for exact draws;
 < 1 over-smoothed, > 1 leftover noise). diffusers runs the same algorithm with the same spacing name, started from
 the same x = n * sigmas[0] (VP schedulers get x / sqrt(1 + sigma^2)), with an eps-prediction model built from the
 same D, evaluated at the exact sigma each scheduler steps from. NFE counts denoiser calls: Heun takes 2n - 1 for n
 steps, so its budget rounds down to the nearest odd number (9, 19, 49).
 
-Spacings: our `discrete_sigmas` ones (leading with SD's steps_offset = 1, trailing, linspace, karras) plus
-"exponential", uniform in log-SNR, which diffusers offers and `ldm.diffusion.spacing` does not yet. Where diffusers
-defines a spacing differently (DPM-Solver's leading/linspace take n of n + 1 points; DDIM's linspace rounds the
-timesteps but still steps to t - T // n), the ratio is not 1 and measures the two definitions. Two diffusers-only
-solvers (DPM-Solver++(3M), UniPC-bh2) are included so that "best diffusers configuration" means what it says. A cell
-reads "fails" where diffusers raises (its multistep solvers on repeated rounded timesteps, e.g. cosine + karras).
+Spacings: our `discrete_sigmas` ones (leading with SD's steps_offset = 1, trailing, linspace, karras, and
+exponential, uniform in log-SNR: diffusers' use_exponential_sigmas). Where diffusers defines a spacing differently
+(DPM-Solver's and UniPC's leading/linspace take n of n + 1 points; DDIM's linspace rounds the timesteps but still steps
+to t - T // n), the ratio is not 1 and measures the two definitions. Our unipc (UniPC-2, bh2) runs against diffusers'
+UniPCMultistepScheduler(solver_type="bh2", solver_order=2); one diffusers-only solver, DPM-Solver++(3M), is included
+so that "best diffusers configuration" means what it says. A cell reads "fails" where diffusers raises (its multistep
+solvers on repeated rounded timesteps, e.g. cosine + karras).
 
     python bench/samplers.py                                  # scaled_linear, 256 samples, NFE 5 10 20 50
     python bench/samplers.py --schedule cosine --nfe 10 20
@@ -59,11 +60,12 @@ from torch import Tensor
 
 from ldm.diffusion.samplers import SAMPLERS, get_sampler
 from ldm.diffusion.schedules import CosineSchedule, DiscreteSchedule, ScaledLinearSchedule
-from ldm.diffusion.spacing import discrete_sigmas
+from ldm.diffusion.spacing import SIGMA_SPACINGS, discrete_sigmas
+from ldm.diffusion.spacing import SPACINGS as TIMESTEP_SPACINGS
 
-SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
-DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m")
-DIFFUSERS_ONLY = ("dpmpp_3m", "unipc_bh2")  # diffusers' stronger solvers, rows without an "ours"
+SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS  # leading, trailing, linspace, karras, exponential
+DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
+DIFFUSERS_ONLY = ("dpmpp_3m",)  # diffusers' stronger solvers, rows without an "ours"
 STOCHASTIC = ("euler_ancestral", "ddpm", "dpmpp_2m_sde")
 LEADING_OFFSET = 1  # Stable Diffusion's steps_offset, on both sides
 # schedule name -> (our schedule, diffusers' beta arguments)
@@ -85,7 +87,8 @@ DIFFUSERS = {
                             final_sigmas_type="zero"),
     "dpmpp_3m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=3,
                         final_sigmas_type="zero"),
-    "unipc_bh2": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
+    "unipc": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", predict_x0=True,
+                     lower_order_final=True, final_sigmas_type="zero"),
 }
 VE_SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)  # hold x = x0 + sigma n
 
@@ -187,15 +190,9 @@ def steps_for(name: str, nfe: int) -> int:
 
 
 def sigma_ladder(schedule: DiscreteSchedule, n: int, spacing: str) -> Tensor:
-    """(n + 1,) float64 ladder: `discrete_sigmas`, or "exponential", uniform in ln(sigma) (= log-SNR) between the
-    schedule's ends, then 0 (k-diffusion's get_sigmas_exponential; diffusers' use_exponential_sigmas and, for
-    DPM-Solver, use_lu_lambdas give the same ladder). Kept here until `ldm.diffusion.spacing` offers it."""
-    if spacing != "exponential":
-        offset = LEADING_OFFSET if spacing == "leading" else 0
-        return discrete_sigmas(schedule, n, spacing, steps_offset=offset, dtype=torch.float64)
-    log_sigma = schedule.sigmas.log()
-    sigmas = torch.linspace(log_sigma[-1].item(), log_sigma[0].item(), n, dtype=torch.float64).exp()
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
+    """(n + 1,) float64 `discrete_sigmas` ladder, with SD's steps_offset for leading."""
+    offset = LEADING_OFFSET if spacing == "leading" else 0
+    return discrete_sigmas(schedule, n, spacing, steps_offset=offset, dtype=torch.float64)
 
 
 def run_ours(name: str, mixture: GaussianMixture, noise: Tensor, sigmas: Tensor, seed: int = 1) -> tuple[Tensor, int]:

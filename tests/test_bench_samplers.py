@@ -88,7 +88,8 @@ def test_dpmpp_2m_converges_to_reference() -> None:
 
 
 @pytest.mark.parametrize(("name", "spacing"), [("euler", "karras"), ("heun", "leading"), ("dpmpp_2m", "trailing"),
-                                               ("dpmpp_2m", "exponential"), ("ddim", "trailing")])
+                                               ("dpmpp_2m", "exponential"), ("ddim", "trailing"),
+                                               ("unipc", "trailing"), ("unipc", "exponential")])
 def test_diffusers_harness_matches_ours(name: str, spacing: str) -> None:
     """Where diffusers defines the same ladder, its scheduler driven by the bench's eps model gives our samples."""
     mixture = bench.make_mixture(dim=8, components=4, seed=0)

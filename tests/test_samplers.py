@@ -1,6 +1,7 @@
 """Samplers, spacings and guidance: parity with diffusers' schedulers on one analytic denoiser and one noise draw, the
 Gaussian oracle D(x, sigma) = x s^2 / (s^2 + sigma^2), zero-terminal-SNR ladders with a v-prediction denoiser, CFG."""
 
+import inspect
 import math
 
 import numpy as np
@@ -13,14 +14,21 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.guiders.guider_utils import rescale_noise_cfg  # no transformers needed
 
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.parameterization import Denoiser, VPrediction, append_dims
 from ldm.diffusion.samplers import SAMPLERS, get_sampler
-from ldm.diffusion.schedules import ScaledLinearSchedule, sigmas_karras
-from ldm.diffusion.spacing import ZERO_SNR_SIGMA, discrete_sigmas, spaced_timesteps
+from ldm.diffusion.schedules import CosineSchedule, KarrasSchedule, ScaledLinearSchedule, sigmas_karras
+from ldm.diffusion.spacing import (
+    ZERO_SNR_SIGMA,
+    discrete_sigmas,
+    sampling_sigmas,
+    sigmas_exponential,
+    spaced_timesteps,
+)
 
 S = 0.5  # data std of the Gaussian oracle
 
@@ -42,8 +50,9 @@ def analytic_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def diffusers_model(scheduler, prediction_type: str):
     table = ((1 - scheduler.alphas_cumprod.double()) / scheduler.alphas_cumprod.double()).sqrt().numpy()  # VE sigmas
 
-    def model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = float(np.interp(float(t), np.arange(len(table)), table))  # diffusers' own t -> sigma
+    def model(x_in: torch.Tensor, t: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+        if sigma is None:
+            sigma = float(np.interp(float(t), np.arange(len(table)), table))  # diffusers' own t -> sigma
         if math.isinf(sigma):  # alpha_bar = 0 exactly (DDIM / DDPM zero SNR): D -> 0, so v = -x0 = 0, eps = x
             return torch.zeros_like(x_in) if prediction_type == "v_prediction" else x_in
         x_in = x_in.double()
@@ -57,8 +66,10 @@ def diffusers_model(scheduler, prediction_type: str):
     return model
 
 
-def run_diffusers(scheduler, sigmas: torch.Tensor, noise: torch.Tensor, prediction_type: str, seed: int,
-                  **step_kwargs) -> torch.Tensor:
+def run_diffusers(scheduler, sigmas: torch.Tensor, noise: torch.Tensor, prediction_type: str, seed: int, *,
+                  at_sigmas: bool = False, **step_kwargs) -> torch.Tensor:
+    """diffusers' loop with the model at the table sigma of each timestep, or (at_sigmas) at scheduler.sigmas[i]: a
+    ladder off the timestep grid (exponential, karras) has timesteps that only approximate its sigmas."""
     n = len(sigmas) - 1
     scheduler.set_timesteps(n)
     model = diffusers_model(scheduler, prediction_type)
@@ -66,9 +77,10 @@ def run_diffusers(scheduler, sigmas: torch.Tensor, noise: torch.Tensor, predicti
     sample = noise * sigmas[0]  # the x_ve our samplers start from; VP schedulers hold x_vp = alpha * x_ve
     if not ve:
         sample = sample / (1 + sigmas[0] ** 2).sqrt()
-    kwargs = {} if isinstance(scheduler, HeunDiscreteScheduler) else {"generator": torch.Generator().manual_seed(seed)}
-    for t in scheduler.timesteps:
-        out = model(scheduler.scale_model_input(sample, t), t)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # not Heun's or UniPC's
+    kwargs = {"generator": torch.Generator().manual_seed(seed)} if takes_generator else {}
+    for i, t in enumerate(scheduler.timesteps):
+        out = model(scheduler.scale_model_input(sample, t), t, float(scheduler.sigmas[i]) if at_sigmas else None)
         sample = scheduler.step(out, t, sample, **kwargs, **step_kwargs).prev_sample
     return sample
 
@@ -86,6 +98,9 @@ CASES = {
                  "trailing", 0),
     "dpmpp_2m_sde": (lambda **kw: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, **kw),
                      "trailing", 0),
+    "unipc": (lambda **kw: UniPCMultistepScheduler(solver_order=2, solver_type="bh2", predict_x0=True,
+                                                   lower_order_final=True, final_sigmas_type="zero", **kw),
+              "trailing", 0),
 }
 
 
@@ -110,6 +125,20 @@ def parity_error(name: str, prediction_type: str, zero_snr: bool, n: int = 10, e
 def test_parity_with_diffusers(name: str, prediction_type: str) -> None:
     # same noise draws: both sides call torch.randn(shape, generator) once per noisy step, in the same order
     assert parity_error(name, prediction_type, zero_snr=False) < 1e-5  # measured 4e-7 .. 1.2e-6
+    # unipc 7e-7; its predictor alone (= dpmpp_2m) or UniC-1 in place of UniC-2 would be off by ~1e-2
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_parity_with_diffusers_exponential(name: str, zero_snr: bool) -> None:
+    """Our "exponential" ladder against use_exponential_sigmas, where the solvers reach their best accuracy."""
+    scheduler = CASES[name][0](**SD_BETAS, prediction_type="v_prediction", use_exponential_sigmas=True,
+                               rescale_betas_zero_snr=zero_snr)
+    sigmas = discrete_sigmas(ScaledLinearSchedule(zero_terminal_snr=zero_snr), 10, "exponential")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, sigmas, noise, "v_prediction", seed=1, at_sigmas=True)
+    ours = get_sampler(name)(analytic_denoiser, noise * sigmas[0], sigmas)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-5  # measured unipc 1.5e-6
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n != "heun"])  # diffusers' Heun has no zero-SNR option
@@ -148,11 +177,45 @@ def test_spacing_matches_diffusers_euler(spacing: str, zero_snr: bool) -> None:
     assert ours[-1] == 0 and (ours.diff() < 0).all() and ours.isfinite().all()
 
 
+# schedule -> (ours, diffusers' beta arguments, tolerance of the whole ladder: diffusers' float32 alphas_cumprod moves
+# its ends by up to 1.3e-5 relative for scaled_linear, 2.6e-4 for cosine and 1.9e-3 for cosine with zero SNR)
+LADDER_CASES = {"scaled_linear": (ScaledLinearSchedule, SD_BETAS, 2e-5),
+                "cosine": (CosineSchedule, {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}, 3e-3)}
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("schedule", list(LADDER_CASES))
+def test_exponential_spacing_matches_diffusers(schedule: str, zero_snr: bool) -> None:
+    """Uniform in log-SNR from sigma_max to sigma_min: diffusers' use_exponential_sigmas and DPM-Solver's
+    use_lu_lambdas build the same ladder; the rule itself is checked to 1e-6 on diffusers' own ends."""
+    schedule_cls, betas, rtol = LADDER_CASES[schedule]
+    ours = discrete_sigmas(schedule_cls(zero_terminal_snr=zero_snr), 25, "exponential", dtype=torch.float64)
+    kwargs = {**betas, "rescale_betas_zero_snr": zero_snr}
+    for scheduler in (EulerDiscreteScheduler(**kwargs, use_exponential_sigmas=True),
+                      UniPCMultistepScheduler(**kwargs, use_exponential_sigmas=True),
+                      DPMSolverMultistepScheduler(**kwargs, use_lu_lambdas=True)):
+        scheduler.set_timesteps(25)
+        theirs = scheduler.sigmas.double()
+        rule = sigmas_exponential(25, theirs[-2].item(), theirs[0].item())
+        torch.testing.assert_close(rule, theirs, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=0)
+    log_steps = ours[:-1].log().diff()
+    torch.testing.assert_close(log_steps, log_steps.mean().expand(24))
+
+
+def test_sampling_sigmas_exponential_on_continuous_schedule() -> None:
+    sigmas = sampling_sigmas(KarrasSchedule(0.002, 80.0), 8, "exponential").double()
+    assert sigmas[0].item() == pytest.approx(80.0) and sigmas[-2].item() == pytest.approx(0.002) and sigmas[-1] == 0
+    step = math.log(0.002 / 80) / 7
+    torch.testing.assert_close(sigmas[:-1].log().diff(), torch.full((7,), step, dtype=torch.float64))
+
+
 def test_spacing_zero_snr_starts_at_finite_sigma_max() -> None:
     schedule = ScaledLinearSchedule(zero_terminal_snr=True)
     assert math.isinf(schedule.sigmas[-1])
     assert discrete_sigmas(schedule, 10, "trailing")[0].item() == pytest.approx(ZERO_SNR_SIGMA)
     assert discrete_sigmas(schedule, 10, "karras")[0].item() == pytest.approx(ZERO_SNR_SIGMA)
+    assert discrete_sigmas(schedule, 10, "exponential")[0].item() == pytest.approx(ZERO_SNR_SIGMA)
 
 
 def test_spacing_rejects_bad_arguments() -> None:
@@ -162,6 +225,10 @@ def test_spacing_rejects_bad_arguments() -> None:
         discrete_sigmas(ScaledLinearSchedule(), 0, "karras")
     with pytest.raises(ValueError, match="leading"):
         spaced_timesteps(1000, 10, "uniform")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exponential"):
+        discrete_sigmas(ScaledLinearSchedule(), 10, "uniform")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        discrete_sigmas(ScaledLinearSchedule(), 0, "exponential")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,10 +302,11 @@ def test_sampler_rejects_empty_or_infinite_ladder(name: str) -> None:
         get_sampler(name)(gaussian_denoiser, x, torch.tensor([math.inf, 1.0, 0.0]))
 
 
-def test_callback_sees_every_step() -> None:
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_callback_sees_every_step(name: str) -> None:
     seen: list[int] = []
     sigmas = sigmas_karras(5, 0.1, 10.0)
-    get_sampler("heun")(gaussian_denoiser, torch.randn(2, 3) * 10, sigmas, callback=lambda i, x, d: seen.append(i))
+    get_sampler(name)(gaussian_denoiser, torch.randn(2, 3) * 10, sigmas, callback=lambda i, x, d: seen.append(i))
     assert seen == list(range(5))
 
 

@@ -186,6 +186,47 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, genera
     return x
 
 
+def _unic_weights(h: float, r: float) -> tuple[float, float]:
+    """UniC-2 weights (a_1, a_2) of the slope (D_0 - D_-1) / r and of D_1 - D_0 for a step of h, r = h_last / h:
+    [[1, 1], [-r, 1]] (a_1, a_2) = (1! phi_2, 2! phi_3) / phi_1 at -h, UniPC's order condition R_2 a = g / B(h) with
+    B(h) = e^h - 1 (Zhao et al. 2023, Sec. 3). As h -> 0: Adams-Moulton's (5 D_1 + 8 D_0 - D_-1) / 12 at r = 1."""
+    phi_1 = math.expm1(-h) / -h
+    phi_2 = (phi_1 - 1) / -h
+    phi_3 = (phi_2 - 1 / 2) / -h
+    b_1, b_2 = phi_2 / phi_1, 2 * phi_3 / phi_1
+    a_1 = (b_1 - b_2) / (1 + r)
+    return a_1, b_1 - a_1
+
+
+@torch.no_grad()
+def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
+                 callback: StepCallback | None = None) -> Tensor:
+    """UniPC-2, B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, arXiv:2302.04867, Algorithms 1-2) in
+    lambda = -ln sigma: the UniC corrector redoes each step with the evaluation at its end, which the next step needs
+    anyway, then the UniP-2 predictor (= DPM-Solver++(2M)) steps on; one evaluation per step. First order at both ends
+    and no corrector after the last step, as diffusers' UniPCMultistepScheduler(solver_order=2, solver_type="bh2",
+    lower_order_final=True, final_sigmas_type="zero"). The callback sees x before its correction, where D was taken."""
+    steps = _steps(sigmas)
+    x_last, sigma_last, d_last, h_last, r_last, slope = x, 0.0, None, 0.0, None, 0  # at the last predictor step
+    for i, (sigma, sigma_next) in enumerate(steps):
+        denoised = _denoise(denoiser, x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigma_next == 0:
+            x = denoised  # the exact limit h -> inf of the update below; it would scale a corrected x by 0
+            continue
+        if i > 0:  # UniC-1 (the trapezoid in D) after a first-order step, else UniC-2
+            a_1, a_2 = _unic_weights(h_last, r_last) if r_last else (0.0, 0.5)
+            d = d_last + a_1 * slope + a_2 * (denoised - d_last)
+            x = (sigma / sigma_last) * x_last - math.expm1(-h_last) * d
+        h = math.log(sigma / sigma_next)
+        r = h_last / h if 0 < i < len(steps) - 1 else None  # first order at both ends
+        slope = (denoised - d_last) / r if r else 0
+        x_last, sigma_last, d_last, h_last, r_last = x, sigma, denoised, h, r
+        x = (sigma_next / sigma) * x - math.expm1(-h) * (denoised + slope / 2)  # UniP-2 with a_1 = 1/2
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Registry.
 
@@ -197,6 +238,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": sample_ddpm,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
 }
 
 

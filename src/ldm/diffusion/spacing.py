@@ -32,7 +32,8 @@ def finite_sigmas(sigmas: Tensor, max_sigma: float = ZERO_SNR_SIGMA) -> Tensor:
 
 def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     """n float64 sigmas from sigma_max down to sigma_min, uniform in ln(sigma) = -log-SNR / 2 (DPM-Solver's "logSNR"
-    steps, Lu et al. 2022, arXiv:2206.00927), then 0: diffusers' `use_exponential_sigmas` and DPM-Solver's `use_lu_lambdas`."""
+    steps, Lu et al. 2022, arXiv:2206.00927), then 0: diffusers' `use_exponential_sigmas` (DPM-Solver's
+    `use_lu_lambdas` gives the same ladder)."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()

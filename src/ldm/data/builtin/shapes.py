@@ -75,7 +75,7 @@ def _polygon(cx: float, cy: float, radii: list[float], start_deg: float) -> list
             for i, r in enumerate(radii)]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: RGB) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: RGB) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -98,7 +98,7 @@ def render(spec: ShapeSpec, resolution: int) -> Image.Image:
     side = resolution * SUPERSAMPLE
     img = Image.new("RGB", (side, side), BACKGROUNDS[spec.background])
     cx, cy = spec.center[0] * side, spec.center[1] * side
-    _draw_shape(ImageDraw.Draw(img), spec.shape, cx, cy, SIZES[spec.size] * side / 2, PALETTE[spec.color])
+    draw_shape(ImageDraw.Draw(img), spec.shape, cx, cy, SIZES[spec.size] * side / 2, PALETTE[spec.color])
     return img.reduce(SUPERSAMPLE)  # box filter: each output pixel is the mean of a 4x4 block
 
 

@@ -2,7 +2,7 @@
 background, shape, size and position back from pixels, and score a batch of samples against their prompts.
 
 Shapes are recognised by template matching: the foreground is fitted with every shape drawn by the dataset's own
-`_draw_shape` at the foreground's centroid and area, and the best soft IoU wins.
+`draw_shape` at the foreground's centroid and area, and the best soft IoU wins.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _template(shape: str, cx: float, cy: float, r: float, height: int, width: in
     """Coverage in [0, 1] of `shape` drawn as the dataset draws it; centre and radius in pixels."""
     s = shapes.SUPERSAMPLE
     img = Image.new("RGB", (width * s, height * s))
-    shapes._draw_shape(ImageDraw.Draw(img), shape, cx * s, cy * s, r * s, (255, 255, 255))
+    shapes.draw_shape(ImageDraw.Draw(img), shape, cx * s, cy * s, r * s, (255, 255, 255))
     return np.asarray(img.reduce(s), dtype=np.float64)[..., 0] / 255.0
 
 
@@ -203,3 +203,15 @@ def score(images: Sequence[ImageLike] | Tensor, captions: Sequence[str]) -> Adhe
             scores.correct[attr] += pair[0] == pair[1]
         scores.correct["all"] += all(getattr(want, a) == getattr(seen, a) for a in ("color", "shape", "background"))
     return scores
+
+
+def prompt_set() -> list[str]:
+    """60 captions naming every colour x shape pair twice (one large centred, one small in a corner) on
+    backgrounds that cycle through the other colours: the quickstart's adherence prompts."""
+    prompts, backgrounds, corners = [], list(BACKGROUNDS), [p for p in POSITIONS if p != "center"]
+    for i, (color, shape) in enumerate((c, s) for c in PALETTE for s in SHAPES):
+        background = [b for b in backgrounds if b != color][i % (len(backgrounds) - 1)]
+        for size, position in (("large", "center"), ("small", corners[i % len(corners)])):
+            spec = ShapeSpec(shape, color, background, size, position, POSITIONS[position])
+            prompts.append(spec.caption)
+    return prompts

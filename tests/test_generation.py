@@ -1,0 +1,225 @@
+"""Generation from real checkpoints, through the entry points: stage 1 -> latent cache -> stage 2 (a few steps each),
+then scripts/sample.py (txt2img, img2img, inpainting, exports, EMA vs raw, bad input) and the sampling callback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from conftest import CONF_DIR, ROOT, run_train, tiny_overrides
+from ldm.cli.sample import run as sample_run
+from ldm.data.latent_cache import cache_latents, read_card
+from ldm.inference.loading import export_pipeline, load_pipeline
+from ldm.models.autoencoder.export import load_autoencoder
+
+pytestmark = pytest.mark.slow
+PROMPT = "a large red circle on a white background"
+
+
+def cache(export: Path, shapes_root: Path, out: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), f"autoencoder={export}",
+                    f"source={shapes_root}", f"out={out}", "resolution=32", f"hydra.run.dir={out}/log"],
+                   check=True, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "WANDB_MODE": "offline"}
+
+
+def stage2_overrides(run_dir: Path, export: Path, latents: Path, steps: int = 6) -> list[str]:
+    return ["experiment=ldm_tiny", "data=latents", f"data.root={latents}", f"model.autoencoder.path={export}",
+            f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir.parent}", "data.batch_size=16",
+            f"trainer.max_steps={steps}", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=2", "num_threads=1",
+            "callbacks.sample_images.every_n_steps=4", "callbacks.sample_images.images_per_prompt=2",
+            "callbacks.sample_images.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("generation")
+    ae_dir = base / "autoencoder"
+    run_train(*tiny_overrides(ae_dir, shapes_root, steps=6), "logger=none")
+    latents = base / "latents"
+    cache(ae_dir / "export", shapes_root, latents)
+    ldm_dir = base / "ldm"
+    run_train(*stage2_overrides(ldm_dir, ae_dir / "export", latents), "logger=[wandb,csv]")
+    return {"ae": ae_dir, "latents": latents, "ldm": ldm_dir, "ckpt": ldm_dir / "checkpoints" / "last.ckpt"}
+
+
+def sample_cfg(out: Path, **overrides: object) -> object:
+    args = [f"{k}={v}" for k, v in {"out_dir": out, "steps": 3, "num_images": 2, "batch_size": 3, "device": "cpu",
+                                      **overrides}.items()]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("sample", overrides=args)
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# ------------------------------------------------------------------ the latent cache
+
+
+def test_cache_is_key_aligned_and_records_the_autoencoder(runs: dict[str, Path], shapes_root: Path) -> None:
+    card = read_card(runs["latents"] / "train")
+    autoencoder = load_autoencoder(runs["ae"] / "export")
+    assert card["resolution"] == 32 and card["latent_channels"] == autoencoder.latent_channels
+    src = sorted(p.name for p in (shapes_root / "train").glob("*.tar"))
+    assert sorted(p.name for p in (runs["latents"] / "train").glob("*.tar")) == src
+    import tarfile
+
+    with tarfile.open(shapes_root / "train" / src[0]) as a, tarfile.open(runs["latents"] / "train" / src[0]) as b:
+        keys = lambda t: sorted({m.name.split(".")[0] for m in t.getmembers()})  # noqa: E731
+        assert keys(a) == keys(b)
+
+
+def test_cache_resumes_only_missing_shards_and_refuses_another_autoencoder(runs: dict[str, Path],
+                                                                          shapes_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "train"
+    shutil.copytree(runs["latents"] / "train", out)
+    (out / "00001.tar").unlink()
+    autoencoder = load_autoencoder(runs["ae"] / "export")
+    summary = cache_latents(autoencoder, str(shapes_root / "train"), out, resolution=32, progress=False)
+    assert [p.name for p in summary.written] == ["00001.tar"] and len(summary.resumed) == 7
+    with torch.no_grad():
+        next(autoencoder.parameters()).add_(1.0)  # another autoencoder
+    with pytest.raises(ValueError, match="was written with autoencoder"):
+        cache_latents(autoencoder, str(shapes_root / "train"), out, resolution=32, progress=False)
+
+
+def test_training_refuses_a_cache_of_another_autoencoder(runs: dict[str, Path], tmp_path: Path,
+                                                         shapes_root: Path) -> None:
+    other = tmp_path / "other_ae"
+    run_train(*tiny_overrides(other, shapes_root, steps=2), "logger=none", "seed=7")
+    proc = run_train(*stage2_overrides(tmp_path / "ldm", other / "export", runs["latents"], steps=2), "logger=none",
+                     check=False)
+    assert proc.returncode != 0 and "was written with autoencoder" in proc.stderr
+
+
+def test_training_refuses_a_cache_of_another_resolution(runs: dict[str, Path], tmp_path: Path) -> None:
+    proc = run_train(*stage2_overrides(tmp_path / "ldm", runs["ae"] / "export", runs["latents"], steps=2),
+                     "logger=none", "data.resolution=64", check=False)
+    assert proc.returncode != 0 and "written at resolution 32, but data.resolution=64" in proc.stderr
+
+
+# ------------------------------------------------------------------ the sampling callback
+
+
+def test_sampling_callback_logs_grids_to_wandb_and_the_run_folder(runs: dict[str, Path]) -> None:
+    grids = sorted((runs["ldm"] / "images").glob("samples_*.png"))
+    assert [g.name for g in grids] == ["samples_00000004.png", "samples_00000006.png"]  # every 4 steps + the end
+    assert Image.open(grids[0]).size == (2 * 34 + 2, 4 * 34 + 2)  # 4 prompts x 2 images of 32 px, padding 2
+    media = list(runs["ldm"].glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+    assert len(media) == 2
+
+
+# ------------------------------------------------------------------ scripts/sample.py
+
+
+def test_sample_cli_writes_pngs_jsons_and_a_grid_and_json_reproduces(runs: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), f"ckpt={runs['ckpt']}",
+                           f"prompt={PROMPT}", "num_images=3", "steps=4", f"out_dir={tmp_path / 'a'}", "seed=10"],
+                          capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted((tmp_path / "a").glob("0*.png"))
+    assert len(pngs) == 3 and (tmp_path / "a" / "grid.png").is_file()
+    record = json.loads(pngs[2].with_suffix(".json").read_text())
+    assert record["seed"] == 12 and record["prompt"] == PROMPT and record["steps"] == 4
+    assert record["weights"].startswith("ema")
+    keys = ("prompt", "seed", "negative_prompt", "sampler", "steps", "spacing", "guidance", "guidance_rescale",
+            "height", "width", "precision")
+    again = sample_cfg(tmp_path / "b", ckpt=record["ckpt"], num_images=1, batch_size=1,
+                       **{k: json.dumps(record[k]) if isinstance(record[k], str) else record[k] for k in keys})
+    written = sample_run(again)
+    assert np.abs(png(written[0]).astype(int) - png(pngs[2]).astype(int)).max() <= 1  # same seed, batch of 1
+
+
+def test_export_samples_the_same_images_as_the_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
+    export = export_pipeline(runs["ckpt"], tmp_path / "export")
+    a = sample_run(sample_cfg(tmp_path / "from_ckpt", ckpt=runs["ckpt"], prompt=f"'{PROMPT}'"))
+    b = sample_run(sample_cfg(tmp_path / "from_export", ckpt=export, prompt=f"'{PROMPT}'"))
+    assert [png(p).tobytes() for p in a] == [png(p).tobytes() for p in b]
+
+
+def test_ema_and_raw_weights_differ(runs: dict[str, Path]) -> None:
+    ema, raw = load_pipeline(runs["ckpt"], ema=True), load_pipeline(runs["ckpt"], ema=False)
+    assert ema.weights.startswith("ema") and raw.weights == "raw"
+    assert any(not torch.equal(a, b) for a, b in zip(ema.unet.parameters(), raw.unet.parameters()))
+
+
+def test_img2img_and_inpainting_from_files(runs: dict[str, Path], tmp_path: Path, shapes_root: Path) -> None:
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (250, 250, 250)).save(image)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 255
+    Image.fromarray(m).save(mask)
+    varied = sample_run(sample_cfg(tmp_path / "i2i", ckpt=runs["ckpt"], prompt=f"'{PROMPT}'", image=image,
+                                   strength=0.5))
+    assert json.loads(varied[0].with_suffix(".json").read_text())["strength"] == 0.5
+    painted = sample_run(sample_cfg(tmp_path / "inpaint", ckpt=runs["ckpt"], prompt=f"'{PROMPT}'", image=image,
+                                    mask=mask, repaint=2))
+    record = json.loads(painted[0].with_suffix(".json").read_text())
+    assert record["strength"] == 1.0 and record["repaint"] == 2 and record["mask"].endswith("mask.png")
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"ckpt": "/nonexistent/last.ckpt"}, FileNotFoundError, "does not exist"),
+    ({"height": 20}, ValueError, "multiples of 8"),
+    ({"sampler": "plms"}, ValueError, "unknown sampler"),
+    ({"steps": 0}, ValueError, "steps must be >= 1"),
+    ({"prompt": "null"}, ValueError, "No prompt"),
+    ({"mask": "MASK"}, ValueError, "mask= needs image="),
+    ({"image": "IMAGE", "strength": 1.5}, ValueError, "strength must be in"),
+    ({"image": "IMAGE", "mask": "SMALL_MASK"}, ValueError, r"mask must be \(B, 1, 32, 32\)"),
+    ({"image": "NOT_AN_IMAGE"}, ValueError, "is not an image PIL can read"),
+])
+def test_sample_cli_bad_input_is_a_clear_error(runs: dict[str, Path], tmp_path: Path, overrides: dict,
+                                              error: type, message: str) -> None:
+    files = {"IMAGE": tmp_path / "in.png", "MASK": tmp_path / "mask.png", "SMALL_MASK": tmp_path / "small.png",
+             "NOT_AN_IMAGE": tmp_path / "text.png"}
+    Image.new("RGB", (32, 32)).save(files["IMAGE"])
+    Image.new("L", (32, 32)).save(files["MASK"])
+    Image.new("L", (16, 16)).save(files["SMALL_MASK"])
+    files["NOT_AN_IMAGE"].write_text("not a png")
+    values = {"ckpt": runs["ckpt"], "prompt": f"'{PROMPT}'",
+              **{k: files.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}}
+    with pytest.raises(error, match=message):
+        sample_run(sample_cfg(tmp_path / "out", **values))
+
+
+def test_a_stage1_checkpoint_is_refused_by_name(runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a stage-2"):
+        sample_run(sample_cfg(tmp_path, ckpt=runs["ae"] / "checkpoints" / "last.ckpt", prompt=f"'{PROMPT}'"))
+
+
+def test_a_nan_sample_is_reported_and_not_written(runs: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import ldm.cli.sample as cli
+
+    real = cli.load_pipeline
+
+    def broken(*args: object, **kwargs: object):
+        pipeline = real(*args, **kwargs)
+        forward = pipeline.unet.forward
+        pipeline.unet.forward = lambda x, *a, **k: forward(x, *a, **k) * float("nan")
+        return pipeline
+
+    monkeypatch.setattr(cli, "load_pipeline", broken)
+    with pytest.raises(FloatingPointError, match="2 of 2 samples contain NaN"):
+        sample_run(sample_cfg(tmp_path, ckpt=runs["ckpt"], prompt=f"'{PROMPT}'"))
+    assert not list(tmp_path.glob("0*.png"))
+
