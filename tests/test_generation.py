@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT, run_train, tiny_overrides
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import CONF_DIR, ROOT, run_train, tiny_overrides
 from ldm.cli.sample import run as sample_run
 from ldm.data.latent_cache import cache_latents, read_card
 from ldm.inference.loading import export_pipeline, load_pipeline
