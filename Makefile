@@ -31,6 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/autoencoder_step.py
+	$(BIN)/python bench/sample_throughput.py
+	$(BIN)/python bench/stage2_step.py
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -213,7 +213,7 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Ge
         if callback is not None:
             callback(i, x, denoised)
         if sigma_next == 0:
-            x = denoised  # the exact limit h -> inf of the update below; it would scale a corrected x by 0
+            x = denoised  # the limit h -> inf of the update below, which scales x (corrected or not) by 0
             continue
         if i > 0:  # UniC-1 (the trapezoid in D) after a first-order step, else UniC-2
             a_1, a_2 = _unic_weights(h_last, r_last) if r_last else (0.0, 0.5)

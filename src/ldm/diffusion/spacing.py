@@ -101,17 +101,32 @@ def discrete_sigmas(
     return sigmas.to(device=device, dtype=dtype)
 
 
+AUTO_EXPONENTIAL_MAX_SIGMA = 100.0
+
+
+def auto_spacing(schedule: NoiseSchedule) -> Spacing | SigmaSpacing:
+    """"exponential" (even in log-SNR) when the schedule's finite sigma_max is at most 100 (scaled_linear: 14.6),
+    else "trailing". On the Gaussian-mixture bench (bench/RESULTS.md) exponential is 10-260x more accurate than
+    trailing on scaled_linear, but an even log-sigma ladder up to cosine's 2e4 or the zero-SNR stand-in 4096 spends
+    its steps where nothing happens, and there trailing wins (5x at 10 steps)."""
+    ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))
+    return "exponential" if ends.max().item() <= AUTO_EXPONENTIAL_MAX_SIGMA else "trailing"
+
+
 def sampling_sigmas(
     schedule: NoiseSchedule,
     n: int,
-    spacing: Spacing | SigmaSpacing = "trailing",
+    spacing: Spacing | SigmaSpacing | Literal["auto"] = "auto",
     *,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """(n + 1,) descending finite VE sigmas ending in 0 for any schedule: `discrete_sigmas` for DDPM schedules; for
-    continuous ones "karras" or "exponential" between the schedule's ends, or (any other spacing) t evenly spaced."""
+    continuous ones "karras" or "exponential" between the schedule's ends, or (any other spacing) t evenly spaced.
+    "auto" picks by `auto_spacing`."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
+    if spacing == "auto":
+        spacing = auto_spacing(schedule)
     if schedule.discrete:
         return discrete_sigmas(schedule, n, spacing, device=device)
     ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))

@@ -90,7 +90,7 @@ class LatentDiffusionPipeline(nn.Module):
         """Normalized latents -> images in [-1, 1] (clamped)."""
         return self.autoencoder.decode(self.autoencoder.denormalize(latents)).clamp(-1, 1)
 
-    def sigmas(self, steps: int, spacing: str = "trailing") -> Tensor:
+    def sigmas(self, steps: int, spacing: str = "auto") -> Tensor:
         return sampling_sigmas(self.schedule, steps, spacing, device=self.device)
 
     # ------------------------------------------------------------------ sampling
@@ -101,9 +101,9 @@ class LatentDiffusionPipeline(nn.Module):
         seeds: Sequence[int],
         *,
         negative_prompt: str | Sequence[str] = "",
-        sampler: str = "dpmpp_2m",
+        sampler: str = "unipc",
         steps: int = 30,
-        spacing: str = "trailing",
+        spacing: str = "auto",
         guidance: float = 5.0,
         guidance_rescale: float = 0.0,
         height: int | None = None,

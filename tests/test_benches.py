@@ -1,0 +1,46 @@
+"""Smoke runs of the throughput benches at their smallest settings: they finish, report positive rates, and the
+diffusers loop of bench/sample_throughput.py draws the same images as our pipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Same weights, ladder, noise and guidance: only float32 rounding separates the two sides. Euler on the cosine
+# schedule (sigma_max ~ 2e4) is the least exact: its first step cancels two ~2e4-sized numbers.
+@pytest.mark.parametrize(("preset", "sampler", "tolerance"), [("tiny", "dpmpp_2m", 1e-4), ("tiny", "euler", 2e-3),
+                                                              ("sd-like", "dpmpp_2m", 1e-4)])
+def test_sample_throughput_matches_diffusers(preset: str, sampler: str, tolerance: float,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("sample_throughput")
+    (row,) = bench.main(["--preset", preset, "--quick", "--sampler", sampler, "--threads", "1"])
+    assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] > 0 and row["finite"]
+    assert row["max_diff"] < tolerance
+    assert f"| {preset} | diffusers | 2 | 4 | {row['resolution']} |" in capsys.readouterr().out
+
+
+def test_stage2_step_reports_both_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("stage2_step")
+    rows = bench.main(["--preset", "tiny", "--quick", "--batch", "4", "--threads", "1", "--peak-tflops", "1"])
+    assert [r["input"] for r in rows] == ["images (encoded on the fly)", "cached latents"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["tflops"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.0)
+        assert all(v > 0 for v in r["flops"].values())
+    assert rows[1]["ratio"] > 0
+    assert "cached latents / on the fly" in capsys.readouterr().out
