@@ -27,7 +27,7 @@ RESOLUTION = 32
 
 def run(name: str, script: str, overrides: list[str], done_marker: Path, force: bool,
         resume: Path | None = None) -> None:
-    """Run one of the repository's entry points, unless `done_marker` says it already finished."""
+    """Run one of the repository's entry points, unless its `done_marker` file (written here) says it finished."""
     if done_marker.exists() and not force:
         print(f"[quickstart] {name}: already done ({done_marker}); --force redoes it", flush=True)
         return
@@ -103,7 +103,7 @@ def main() -> None:
     steps1 = [f"trainer.max_steps={args.stage1_steps}"] if args.stage1_steps else []
     run("stage 1 (autoencoder)", "train.py", ["experiment=autoencoder_tiny", f"hydra.run.dir={ae_dir}",
                                              f"paths.root_dir={root}", "print_config=false", *steps1],
-        ae_dir / "export" / "autoencoder.json", args.force, resume=ae_dir / "checkpoints" / "last.ckpt")
+        ae_dir / "done", args.force, resume=ae_dir / "checkpoints" / "last.ckpt")
     psnr = reconstruction_psnr(ae_dir / "export", data / "val", out / "reconstructions.png")
     print(f"[quickstart] held-out reconstruction PSNR {psnr:.2f} dB", flush=True)
 

@@ -223,3 +223,22 @@ def test_a_nan_sample_is_reported_and_not_written(runs: dict[str, Path], tmp_pat
         sample_run(sample_cfg(tmp_path, ckpt=runs["ckpt"], prompt=f"'{PROMPT}'"))
     assert not list(tmp_path.glob("0*.png"))
 
+
+
+# ------------------------------------------------------------------ notebooks
+
+
+@pytest.mark.parametrize("name", ["sampling.ipynb", "schedules_and_weightings.ipynb"])
+def test_notebooks_run_headless(runs: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("LDM_CKPT", str(runs["ckpt"]))  # the kernel inherits the environment
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs) >= 3

@@ -265,15 +265,16 @@ def set_trainable(text: TextTransformer, freeze: bool, trainable_layers: int) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
-    """Local path of the weights `pretrained` names; raises at once when a tag can't be had offline."""
+def resolve_pretrained(model_name: str, pretrained: str | None, *, key: str = PRETRAINED_KEY) -> str | None:
+    """Local path of the weights `pretrained` names; raises at once when a tag can't be had offline, naming
+    the config `key` that takes a local file instead."""
     if pretrained is None:
         return None
     if os.path.isfile(pretrained):
         return pretrained
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
-        raise _unknown_pretrained(model_name, pretrained)
+        raise _unknown_pretrained(model_name, pretrained, key)
     if cfg.get("file"):
         return cfg["file"]
     cached = _cached_weights(cfg)
@@ -281,10 +282,10 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
         return cached
     host, port = _download_host(cfg)
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("LDM_OFFLINE"):
-        raise RuntimeError(_offline_message(model_name, pretrained, cfg, "HF_HUB_OFFLINE/LDM_OFFLINE is set"))
+        raise RuntimeError(_offline_message(model_name, pretrained, cfg, "HF_HUB_OFFLINE/LDM_OFFLINE is set", key))
     if not hub_reachable(host, port):
         reason = f"{host}:{port} is unreachable (no connection within {PROBE_TIMEOUT_S:.0f} s)"
-        raise RuntimeError(_offline_message(model_name, pretrained, cfg, reason))
+        raise RuntimeError(_offline_message(model_name, pretrained, cfg, reason, key))
     return open_clip.download_pretrained(cfg)
 
 
@@ -393,24 +394,25 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _offline_message(model_name: str, tag: str, cfg: dict, reason: str) -> str:
+def _offline_message(model_name: str, tag: str, cfg: dict, reason: str, key: str = PRETRAINED_KEY) -> str:
     if cfg.get("hf_hub"):
         repo_id, filename = os.path.split(cfg["hf_hub"])
         files = " or ".join(_candidate_files(filename))
         source = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{repo_id} (file {files})"
     else:
         source = cfg["url"]
+    ignored = "; the visual weights are ignored" if key == PRETRAINED_KEY else ""
     return (
         f"OpenCLIP weights {model_name!r} / {tag!r} are not in the local cache ({_hf_cache_dir()}) and cannot "
         f"be downloaded: {reason}. Download them on a machine with internet from {source} and pass "
-        f"{PRETRAINED_KEY}=/path/to/open_clip_pytorch_model.bin (any open_clip CLIP checkpoint or state dict; "
-        f"the visual weights are ignored), or copy that machine's Hugging Face cache here and set HF_HOME."
+        f"{key}=/path/to/open_clip_pytorch_model.bin (any open_clip CLIP checkpoint or state dict{ignored}), "
+        "or copy that machine's Hugging Face cache here and set HF_HOME."
     )
 
 
-def _unknown_pretrained(model_name: str, pretrained: str) -> Exception:
+def _unknown_pretrained(model_name: str, pretrained: str, key: str = PRETRAINED_KEY) -> Exception:
     if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
-        return FileNotFoundError(f"{PRETRAINED_KEY}={pretrained}: no such file")
+        return FileNotFoundError(f"{key}={pretrained}: no such file")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     valid = ", ".join(tags) if tags else f"none ({model_name} has no published weights)"
     return ValueError(
