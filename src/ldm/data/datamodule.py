@@ -48,6 +48,7 @@ class WebDataModule(L.LightningDataModule):
         self.samples_per_shard, self.shuffle_buffer, self.seed = samples_per_shard, shuffle_buffer, seed
         self.pin_memory, self.latents = pin_memory, latents
         self.train_loader: ShardLoader | None = None
+        self._resume_position: tuple[int, int] | None = None
         self.val_loader: ShardLoader | None = None
 
     def _rank(self) -> tuple[int, int]:
@@ -95,7 +96,25 @@ class WebDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # so len() is this epoch's when Lightning reloads loaders every epoch
             self.train_loader.set_epoch(trainer.current_epoch)
+        if self._resume_position is not None:
+            self.train_loader.resume_after(*self._resume_position)
+            self._resume_position = None
         return self.train_loader
+
+    # The data position, saved in every checkpoint: the epoch and how many of its batches were trained on. Lightning
+    # restores its own step and batch counters and ends the epoch after the remaining batches; the loader skips the
+    # ones already seen, so a resumed run sees exactly the samples an uninterrupted one would have.
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # At a mid-epoch save (on_train_batch_end) `processed` counts this epoch's trained batches, this one included.
+        return {"epoch": trainer.current_epoch,
+                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:

@@ -350,6 +350,7 @@ class ShardLoader:
             rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
             drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters)
         self.counts: list[int] | None = None
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) already trained on before a restart
         if mode == "epoch":
             self._check_epoch_mode(samples_per_shard)
 
@@ -376,6 +377,14 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_after(self, epoch: int, batches: int) -> None:
+        """The next pass over `epoch` starts after its first `batches` batches (exact resume mid-epoch).
+
+        The skipped batches are replayed from the deterministic stream and dropped rather than trained on, so the
+        samples after the restart are exactly those an uninterrupted run would have seen; the cost is their
+        reading and decoding time (nothing for a latent cache)."""
+        self._skip = (epoch, batches) if batches > 0 else None
+
     def batches_per_rank(self, epoch: int | None = None) -> list[int]:
         """Epoch mode: batches each rank's workers can fill in `epoch` (default: the current one)."""
         assert self.counts is not None, "only defined in mode='epoch'"
@@ -393,8 +402,11 @@ class ShardLoader:
     def _dataloader(self) -> DataLoader:
         self.shard_dataset.epoch = self.epoch
         init = partial(_init_worker, seed=self.seed, rank=self.rank, epoch=self.epoch, max_pixels=self.max_pixels)
+        # Its own generator: creating a DataLoader iterator draws a base seed, which from the global RNG would make
+        # a resumed run (which creates one mid-epoch) diverge from an uninterrupted one. Workers reseed anyway.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, 0, self.epoch, stream=3))
         return DataLoader(self.shard_dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=init,
-                          prefetch_factor=2 if self.num_workers else None)
+                          prefetch_factor=2 if self.num_workers else None, generator=generator)
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         x = to_unit_range(x)  # (B, 3, H, W) float in [-1, 1]
@@ -403,9 +415,14 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         n, done, padding = len(self), 0, False
+        skip = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
+        self._skip = None
         while done < n:
             produced = 0
             for batch in islice(self._dataloader(), n - done):  # stop without pulling a surplus batch
+                if skip > 0:  # trained on before the restart: same stream, dropped
+                    skip, done, produced = skip - 1, done + 1, produced + 1
+                    continue
                 if padding:  # repeats: only the padding counter, so totals don't count a skip twice
                     batch["skips"] = {cause: int(cause == "padded_batches") for cause in SKIP_CAUSES}
                 if "image" in batch:

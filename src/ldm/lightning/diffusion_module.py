@@ -89,25 +89,27 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ inputs
     @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] -> normalized latents (the autoencoder owns the scale/shift)."""
-        return self.autoencoder.normalize(self.autoencoder.encode(images).sample())
+        return self.autoencoder.normalize(self.autoencoder.encode(images).sample(generator))
 
-    def latents(self, batch: dict[str, Any]) -> Tensor:
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Normalized latents of a batch: drawn from a cached posterior ("latent": (B, 2, c, h, w) = mean, std) as
         `encode().sample()` would, or encoded from "image"."""
         if "latent" not in batch:
-            return self.encode_images(batch["image"])
+            return self.encode_images(batch["image"], generator)
         mean, std = batch["latent"].to(self.device, torch.float32).unbind(1)
-        return self.autoencoder.normalize(mean + std * torch.randn_like(mean))
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.autoencoder.normalize(mean + std * eps)
 
     def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Tensor, Tensor]:
         """Token states (B, L, D), with each caption replaced by the empty prompt with `drop_prob`."""
         context = self.text_encoder.encode(list(captions)).token_states.to(self.device)
+        if drop_prob == 0:  # draws nothing: validation must not move the global RNG (exact resume)
+            return context, torch.zeros(len(captions), dtype=torch.bool, device=self.device)
         drop = torch.rand(len(captions), device=self.device) < drop_prob
-        if drop_prob > 0:
-            null = self.text_encoder.null_embedding(1).token_states.to(device=self.device, dtype=context.dtype)
-            context = torch.where(drop[:, None, None], null, context)
+        null = self.text_encoder.null_embedding(1).token_states.to(device=self.device, dtype=context.dtype)
+        context = torch.where(drop[:, None, None], null, context)
         return context, drop
 
     def on_fit_start(self) -> None:
@@ -152,10 +154,12 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        z = self.latents(batch)
+        # Its own generator: the same noise in every run, and validation never moves the global RNG, so a run
+        # resumed from a checkpoint continues with the random stream of an uninterrupted one.
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        z = self.latents(batch, generator)
         context, _ = self.embed_captions(batch["caption"])
         bs = z.shape[0]
-        generator = torch.Generator(device=z.device).manual_seed(batch_idx)  # same noise for every run
         self.log("val/loss", self.loss(self.unet, z, context, generator=generator).loss.mean(), sync_dist=True,
                  batch_size=bs)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)

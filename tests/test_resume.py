@@ -1,0 +1,157 @@
+"""Exact resume and preemption, through train.py in subprocesses: SIGKILL at a random step then `ckpt_path=last`
+equals an uninterrupted run (same sample keys after the restart, equal final weights); SIGTERM and SIGUSR1 save
+`last.ckpt` at the step they arrive; a kill during a checkpoint write leaves the previous file loadable."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_train, tiny_overrides
+
+from ldm.data.latent_cache import cache_latents
+from ldm.models.autoencoder.export import load_autoencoder
+from ldm.utils.checkpoint_io import AtomicCheckpointIO
+
+KEY_LOG = "+callbacks.sample_log._target_=ldm.callbacks.sample_log.SampleKeyLog"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("resume")
+    run_train(*tiny_overrides(base / "ae", shapes_root, steps=4), "logger=none")
+    export = base / "ae" / "export"
+    for split in ("train", "val"):
+        cache_latents(load_autoencoder(export), str(shapes_root / split), base / "latents" / split, resolution=32,
+                      progress=False)
+    return {"export": export, "latents": base / "latents"}
+
+
+def stage2(run_dir: Path, parts: dict[str, Path], steps: int) -> list[str]:
+    """ldm_tiny on the latent cache: 8 shards x 32 = 16 batches per epoch, so 24 steps cross an epoch boundary."""
+    return ["experiment=ldm_tiny", "data=latents", f"data.root={parts['latents']}",
+            f"model.autoencoder.path={parts['export']}", f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir.parent}",
+            "data.batch_size=16", f"trainer.max_steps={steps}", "trainer.val_check_interval=6",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=3",
+            "callbacks.model_checkpoint.every_n_train_steps=5", "~callbacks.sample_images", "logger=csv",
+            "num_threads=1", KEY_LOG]
+
+
+def keys_by_step(run_dir: Path) -> dict[int, str]:
+    """step -> keys, the last occurrence winning (a killed run's steps after its checkpoint are redone)."""
+    lines = (run_dir / "keys_rank0.tsv").read_text().splitlines()
+    return {int(step): keys for step, keys in (line.split("\t") for line in lines)}
+
+
+def launch(overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "print_config=false", *overrides], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Block until the run has started training step `step` (its key line is written before the step)."""
+    deadline = time.time() + timeout
+    log = run_dir / "keys_rank0.tsv"
+    while time.time() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) > step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(parts: dict[str, Path], tmp_path: Path) -> None:
+    steps = 24
+    run_train(*stage2(tmp_path / "straight", parts, steps))
+    reference = keys_by_step(tmp_path / "straight")
+    assert sorted(reference) == list(range(steps))
+
+    kill_at = random.Random().randint(7, 20)  # after at least one checkpoint (every 5 steps)
+    interrupted = tmp_path / "interrupted"
+    proc = launch(stage2(interrupted, parts, steps))
+    wait_for_step(proc, interrupted, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = checkpoint(interrupted / "checkpoints" / "last.ckpt")["global_step"]
+    assert 5 <= saved <= kill_at and saved % 5 == 0, (saved, kill_at)
+
+    run_train(*stage2(interrupted, parts, steps), "ckpt_path=last")
+    resumed = keys_by_step(interrupted)
+    after = range(saved, steps)
+    assert [resumed[s] for s in after] == [reference[s] for s in after], f"killed at {kill_at}, resumed at {saved}"
+
+    a, b = checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt"), checkpoint(
+        interrupted / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == steps
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), f"{name} differs (killed at {kill_at}, resumed at {saved})"
+    ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (a, b))
+    assert ema_a["num_updates"] == ema_b["num_updates"] == steps
+    assert all(torch.equal(v, ema_b["state_dict"][k]) for k, v in ema_a["state_dict"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_last_checkpoint_at_that_step(parts: dict[str, Path], tmp_path: Path,
+                                                             sig: signal.Signals) -> None:
+    run_dir = tmp_path / "run"
+    proc = launch(stage2(run_dir, parts, steps=1000))
+    wait_for_step(proc, run_dir, 7)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    saved = checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    last_started = max(keys_by_step(run_dir))
+    assert saved >= 7 and saved in (last_started, last_started + 1), (saved, last_started, out[-3000:])
+    assert f"Received {sig.name}: saved" in out, out[-3000:]
+    run_train(*stage2(run_dir, parts, steps=saved + 2), "ckpt_path=last")
+    assert checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved + 2
+
+
+class _ExplodingPickle:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated, half-way through the write)")
+
+
+def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_path: Path) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "bad": _ExplodingPickle()}, path)
+    assert checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+WRITER = """
+import sys, torch
+from ldm.utils.checkpoint_io import AtomicCheckpointIO
+io, big = AtomicCheckpointIO(), torch.randn(40_000_000)  # 160 MB: each save takes a while
+for step in range(1000):
+    io.save_checkpoint({"step": step, "w": big}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "0"  # one complete checkpoint exists
+    time.sleep(random.Random().uniform(0.05, 0.5))  # then kill somewhere inside a later write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert checkpoint(path)["step"] >= 0
