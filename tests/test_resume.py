@@ -155,3 +155,29 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path: Path
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert checkpoint(path)["step"] >= 0
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_cpu_ranks_see_disjoint_data_and_only_rank0_writes(parts: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 train.py ... trainer=ddp_cpu`: one run folder (no hydra.run.dir given), disjoint
+    samples per rank in every epoch, checkpoints and logs written once."""
+    overrides = [o for o in stage2(tmp_path / "unused", parts, steps=20) if not o.startswith("hydra.run.dir")]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), "print_config=false", *overrides, "trainer=ddp_cpu",
+                           f"paths.log_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    runs = list((tmp_path / "ldm_tiny" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
+    run = runs[0]
+    per_rank = [dict(line.split("\t") for line in (run / f"keys_rank{r}.tsv").read_text().splitlines())
+                for r in (0, 1)]
+    assert set(per_rank[0]) == set(per_rank[1]) == {str(s) for s in range(20)}
+    for epoch_steps in (range(0, 8), range(8, 16)):  # 256 samples / (2 ranks x 16) = 8 steps per epoch
+        seen = [{k for s in epoch_steps for k in keys[str(s)].split(",")} for keys in per_rank]
+        assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 8 * 16
+    assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 20
+    assert [p.relative_to(run) for p in run.glob("**/metrics.csv")] == [Path("csv/metrics.csv")]
+    assert len(list(run.glob("**/config_resolved.yaml"))) == 1

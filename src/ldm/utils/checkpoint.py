@@ -12,11 +12,15 @@ LAST = "last.ckpt"
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path | None) -> str | None:
     """Turn `last` into a file: this run's `last.ckpt`, else the newest one of an earlier run of the same task.
+    `auto` takes this run's own `last.ckpt` when there is one and otherwise starts fresh (SLURM requeues).
 
     Any other value must be an existing file; a missing one is an error rather than a silent fresh start.
     """
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":  # a requeued job continues in its own folder; a first submission starts fresh
+        own = output_dir / CHECKPOINT_DIR / LAST
+        return str(own) if own.is_file() else None
     if ckpt_path != "last":
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist.")

@@ -56,3 +56,23 @@ def pin_sweep_job_for_ddp() -> bool:
     with open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     return True
+
+
+def run_id() -> str:
+    """One run-folder name for every process of a launch, for `hydra.run.dir`.
+
+    Under srun or torchrun each rank composes its own config, and `${now:...}` can differ by a second between them,
+    which would scatter one run over several folders. SLURM's job id (kept across requeues, so a requeued job finds
+    its own `last.ckpt`) or torchrun's rendezvous (its agent's pid for `--standalone`) names the run instead; a plain
+    launch gets the time, as Hydra's default does.
+    """
+    if "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        rdzv = os.environ["TORCHELASTIC_RUN_ID"]
+        return f"torchrun-{rdzv if rdzv != 'none' else os.getppid()}"
+    from datetime import datetime
+
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

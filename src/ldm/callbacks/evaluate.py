@@ -1,0 +1,123 @@
+"""FID / KID / CLIP score during training: every N steps (and at the end) the EMA weights sample the first N
+validation captions with fixed seeds, on all ranks, and `eval/*` goes to the run's loggers and `eval.jsonl`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.callbacks.ema import EMA
+from ldm.data.shards import expand_urls
+from ldm.evaluation.clip_score import CLIPScore
+from ldm.evaluation.features import FeatureExtractor
+from ldm.evaluation.metrics import FeatureStats
+from ldm.evaluation.runner import (
+    GENERATION_METRICS,
+    ValidationSet,
+    check_metrics,
+    generation_metrics,
+    read_validation,
+    reference_statistics,
+)
+from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class EvaluateCallback(L.Callback):
+    """Generation metrics of a stage-2 run on fixed prompts and seeds, so the curves of a sweep compare.
+
+    Args:
+        shards: validation image-text shards: the first `num_samples` captions are sampled (image i with seed
+            + i) and their images are the real set.
+        features: the FID/KID feature extractor, built at start-up (a missing weights file fails there).
+        clip_score: the CLIP-score model; needed when `metrics` has clip_score.
+        reference: an `.npz` of reference statistics to reuse, or to write at the first evaluation.
+        every_n_steps: evaluate when the global step is a multiple of this; 0: only at the end of training.
+    """
+
+    def __init__(self, shards: str | Sequence[str], num_samples: int = 1000, *,
+                 features: FeatureExtractor | None = None, clip_score: CLIPScore | None = None,
+                 metrics: Sequence[str] = ("fid", "clip_score"), every_n_steps: int = 5000, seed: int = 0,
+                 sampler: str = "unipc", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
+                 guidance_rescale: float = 0.0, batch_size: int = 16, reference: str | None = None,
+                 kid_subset_size: int | None = None, kid_subsets: int = 100, use_ema: bool = True,
+                 resolution: int | None = None) -> None:
+        self.metrics = check_metrics(list(metrics), GENERATION_METRICS, "stage-2")
+        if ({"fid", "kid"} & set(self.metrics)) and features is None:
+            raise ValueError("EvaluateCallback: fid/kid need `features` (conf/callbacks/evaluate.yaml builds one)")
+        if "clip_score" in self.metrics and clip_score is None:
+            raise ValueError("EvaluateCallback: clip_score needs `clip_score` (an ldm.evaluation.clip_score.CLIPScore)")
+        self.shards, self.num_samples, self.seed, self.every_n_steps = shards, num_samples, seed, every_n_steps
+        self.features, self.clip_score, self.reference_path = features, clip_score, reference
+        self.batch_size, self.use_ema, self.resolution = batch_size, use_ema, resolution
+        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
+                        "guidance_rescale": guidance_rescale, "kid_subset_size": kid_subset_size,
+                        "kid_subsets": kid_subsets}
+        self._real: ValidationSet | None = None
+        self._reference: FeatureStats | None = None
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        expand_urls(self.shards)  # a wrong path fails at start-up, not at the first evaluation
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Sample, score and log; every rank takes part (each samples its share). Returns the metrics."""
+        self._last_step = trainer.global_step
+        resolution = self.resolution or getattr(getattr(trainer, "datamodule", None), "resolution", None)
+        pipeline = LatentDiffusionPipeline(pl_module.unet, pl_module.text_encoder, pl_module.autoencoder,
+                                           pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
+        resolution = int(pipeline.default_size)
+        for module in (self.features, self.clip_score):
+            if module is not None:
+                module.to(pl_module.device)
+        if self._real is None:  # the real set and its statistics: once per run
+            needs_real = self.features is not None and not (self.reference_path and Path(self.reference_path).is_file())
+            self._real = read_validation(self.shards, num_samples=self.num_samples, resolution=resolution,
+                                         batch_size=self.batch_size, features=self.features if needs_real else None)
+            if self.features is not None:
+                self._reference = reference_statistics(self._real, self.features, resolution, self.reference_path)
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "unet"), None)
+        was_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            with ema.averaged(pl_module) if (ema is not None and self.use_ema) else nullcontext():
+                scores = generation_metrics(pipeline, self._real, self._reference, metrics=self.metrics,
+                                            features=self.features, clip_score=self.clip_score, seed=self.seed,
+                                            batch_size=self.batch_size, height=resolution, width=resolution,
+                                            **self.options)
+        finally:
+            pl_module.unet.train(was_training)
+        logged = {f"eval/{k}": v for k, v in scores.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        self._write(trainer, logged)
+        return scores
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, logged: dict[str, float]) -> None:
+        log.info(f"step {trainer.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logged.items()))
+        if trainer.default_root_dir:
+            path = Path(trainer.default_root_dir) / "eval.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"step": trainer.global_step, **logged}) + "\n")

@@ -1,0 +1,171 @@
+"""`python scripts/evaluate.py ckpt=PATH shards=VAL_SHARDS`: FID, KID and CLIP score of a stage-2 checkpoint at one
+or more guidance scales, or PSNR, SSIM, LPIPS and rFID of a stage-1 checkpoint; writes a json and logs to W&B.
+Under torchrun every rank samples its share of the validation captions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ldm.cli.train import CONF_DIR
+from ldm.evaluation.distributed import init_from_env, rank_and_world
+from ldm.evaluation.runner import (
+    GENERATION_METRICS,
+    RECONSTRUCTION_METRICS,
+    check_metrics,
+    generation_metrics,
+    read_validation,
+    reconstruction_metrics,
+    reference_statistics,
+    validation_batches,
+)
+from ldm.inference.loading import EXPORT_CARD, load_pipeline
+from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder
+from ldm.utils.logging import get_logger
+from ldm.utils.wandb_mode import ensure_wandb_mode
+
+log = get_logger(__name__)
+Stage = Literal["autoencoder", "diffusion"]
+SAMPLING = ("sampler", "steps", "spacing", "guidance_rescale", "precision")
+
+
+def checkpoint_stage(path: str | Path) -> Stage:
+    """"diffusion" for a stage-2 .ckpt or pipeline export, "autoencoder" for a stage-1 .ckpt or export."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt={path} does not exist: pass a training checkpoint (<run>/checkpoints/last.ckpt) "
+                                "or an export folder of either stage.")
+    if path.is_dir():
+        if (path / EXPORT_CARD).is_file():
+            return "diffusion"
+        if (path / CARD).is_file():
+            return "autoencoder"
+        raise ValueError(f"{path} is neither a pipeline export (no {EXPORT_CARD}) nor an autoencoder export (no {CARD})")
+    if path.name in (CARD, WEIGHTS):
+        return "autoencoder"
+    stage = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ldm", {}).get("stage")
+    if stage not in ("autoencoder", "diffusion"):
+        raise ValueError(f"{path} is not an ldm checkpoint (ckpt['ldm']['stage'] = {stage!r}); expected a checkpoint "
+                         "written by train.py, or an export folder.")
+    return stage
+
+
+def _list(value: Any) -> list[Any]:
+    return list(OmegaConf.to_object(value)) if isinstance(value, ListConfig) else [value]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt`; returns the record written to `cfg.out` (on rank 0)."""
+    created_group = not (dist.is_available() and dist.is_initialized())
+    device = init_from_env(cfg.device)
+    try:
+        record = _evaluate(cfg, device)
+    finally:
+        if created_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return record
+
+
+def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    rank, world = rank_and_world()
+    stage = checkpoint_stage(cfg.ckpt)
+    allowed = GENERATION_METRICS if stage == "diffusion" else RECONSTRUCTION_METRICS
+    metrics = check_metrics(_list(cfg.metrics) if cfg.metrics is not None else allowed, allowed, stage)
+    if stage == "autoencoder" and not cfg.resolution:
+        raise ValueError("resolution= is required for a stage-1 checkpoint: the size validation images are "
+                         "centre-cropped to (the autoencoder's training resolution).")
+    # Start-up: every weight file the metrics need, before a checkpoint is loaded or an image generated.
+    features = (hydra.utils.instantiate(cfg.features).to(device)
+                if {"fid", "kid", "rfid"} & set(metrics) else None)
+    clip_score = hydra.utils.instantiate(cfg.clip).to(device) if "clip_score" in metrics else None
+    lpips = None
+    if "lpips" in metrics:
+        from ldm.models.autoencoder.lpips import LPIPS
+
+        lpips = LPIPS(vgg_weights=cfg.lpips_weights).to(device)
+
+    start = time.time()
+    record: dict[str, Any] = {"ckpt": str(Path(cfg.ckpt).resolve()), "stage": stage, "metrics": metrics,
+                              "num_samples": cfg.num_samples, "shards": _list(cfg.shards), "world_size": world,
+                              "features": features.name if features is not None else None}
+    if stage == "diffusion":
+        record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score)
+    else:
+        autoencoder = load_autoencoder(cfg.ckpt).eval().requires_grad_(False).to(device)
+        batches = validation_batches(cfg.shards, num_samples=cfg.num_samples, resolution=cfg.resolution,
+                                     batch_size=cfg.batch_size)
+        scores = reconstruction_metrics(autoencoder, batches, num_samples=cfg.num_samples, resolution=cfg.resolution,
+                                        metrics=metrics, features=features, lpips=lpips)
+        record |= {"resolution": cfg.resolution, "results": [scores]}
+    record["seconds"] = round(time.time() - start, 1)
+    if rank == 0:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))
+        log.info(f"Wrote {out}")
+        if cfg.wandb.enabled:
+            _log_wandb(cfg, record, out.parent)
+    return record
+
+
+def _evaluate_pipeline(cfg: DictConfig, device: torch.device, metrics: list[str], features: Any,
+                       clip_score: Any) -> dict[str, Any]:
+    pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
+    resolution = int(cfg.resolution or pipeline.default_size)
+    pipeline.check_size(resolution, resolution)
+    guidances = [float(g) for g in _list(cfg.guidance)]
+    reuse = cfg.reference is not None and Path(cfg.reference).is_file()
+    needs_real = features is not None and not reuse
+    real = read_validation(cfg.shards, num_samples=cfg.num_samples, resolution=resolution,
+                           batch_size=cfg.batch_size, features=features if needs_real else None)
+    reference = (reference_statistics(real, features, resolution, cfg.reference, cfg.keep_features)
+                 if features is not None else None)
+    options = {k: cfg[k] for k in SAMPLING}
+    results = []
+    for guidance in guidances:
+        scores = generation_metrics(pipeline, real, reference, metrics=metrics, features=features,
+                                    clip_score=clip_score, seed=cfg.seed, batch_size=cfg.batch_size,
+                                    kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
+                                    guidance=guidance, height=resolution, width=resolution, **options)
+        results.append({"guidance": guidance, **scores})
+        log.info(f"guidance {guidance}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    return {"weights": pipeline.weights, "resolution": resolution, "seed": cfg.seed, **options,
+            "clip_model": clip_score.name if clip_score is not None else None,
+            "reference": str(Path(cfg.reference).resolve()) if cfg.reference else None,
+            "reference_reused": reuse, "reference_samples": reference.num_samples if reference else None,
+            "results": results}
+
+
+def _log_wandb(cfg: DictConfig, record: dict[str, Any], out_dir: Path) -> None:
+    """One W&B run: the settings as config, one step per guidance scale, and a table for the curve."""
+    ensure_wandb_mode()
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, tags=_list(cfg.wandb.tags), job_type="eval",
+                     dir=str(out_dir), config={k: v for k, v in record.items() if k != "results"})
+    try:
+        rows = record["results"]
+        for step, row in enumerate(rows):
+            run.log({f"eval/{k}": v for k, v in row.items()}, step=step)
+        if len(rows) > 1:
+            table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            run.log({"eval/guidance_curve": table}, step=len(rows) - 1)
+        run.summary.update({f"eval/{k}": v for k, v in rows[-1].items()})
+    finally:
+        run.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
