@@ -242,3 +242,20 @@ def test_notebooks_run_headless(runs: dict[str, Path], name: str, monkeypatch: p
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs) >= 3
+
+
+# ------------------------------------------------------------------ the quickstart, shortened
+
+
+def test_quickstart_end_to_end_follows_the_prompt_colour(tmp_path: Path) -> None:
+    """`scripts/quickstart.py` with fewer steps, in a fresh root: every stage runs through its entry point, and the
+    samples' colour matches the prompt far above chance (1/6), so a broken text path fails CI."""
+    env = {**_env(), "LDM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--stage1-steps", "500",
+                           "--stage2-steps", "600", "--images-per-prompt", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "outputs" / "quickstart" / "samples" / "adherence.json").read_text())
+    assert result["n"] == 60 and "prompt adherence" in proc.stdout
+    assert result["colour_accuracy"] >= 0.40, result["summary"]  # chance is 16.7%
+    assert (tmp_path / "outputs" / "quickstart" / "samples" / "grid.png").is_file()
