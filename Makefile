@@ -21,7 +21,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Writes the built-in shapes shards, trains the tiny autoencoder, writes a reconstruction grid.
+# Built-in shapes shards -> tiny autoencoder -> latent cache -> tiny text-to-image LDM -> samples + adherence scores.
 quickstart: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python scripts/quickstart.py
 

@@ -74,6 +74,7 @@ from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.models.unet.convert import convert_diffusers_unet, unet_kwargs_from_diffusers_config
 from ldm.models.unet.unet import UNet
+from ldm.utils.device import resolve_device
 
 CONF = Path(__file__).resolve().parents[1] / "conf/model"
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -295,13 +296,8 @@ def print_table(rows: list[dict], args: argparse.Namespace, device_name: str) ->
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, args.threads)
+    args.device = device.type
     if args.quick:
         args.steps, args.repeats, args.batch = 4, 1, args.batch or 2
     rows = []

@@ -49,6 +49,7 @@ from ldm.diffusion.schedules import CosineSchedule, ScaledLinearSchedule
 from ldm.diffusion.weighting import MinSNR
 from ldm.lightning.diffusion_module import DiffusionModule
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
+from ldm.utils.device import resolve_device
 
 CONF = Path(__file__).resolve().parents[1] / "conf/model"
 TEXT_ENCODERS = {"tiny": "ldm-tiny-text", "vit-h-14": "ViT-H-14"}  # open_clip names, random init
@@ -215,14 +216,8 @@ def print_table(rows: list[dict], args: argparse.Namespace, device: torch.device
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, args.threads)
+    args.device = device.type
     if args.quick:
         args.steps, args.repeats, args.warmup, args.batches = 2, 1, 1, 1
     presets = args.preset or ("tiny" if device.type == "cpu" else "both")

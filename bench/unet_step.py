@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ldm.models.unet.convert import convert_diffusers_unet, unet_kwargs_from_diffusers_config
 from ldm.models.unet.unet import UNet
+from ldm.utils.device import resolve_device
 
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -223,14 +224,8 @@ def main() -> None:
     args = parse_args()
     if args.memory_child:
         return memory_child(args)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, args.threads)
+    args.device = device.type
     peak_flops = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"UNet train step (fwd + MSE + bwd + AdamW) on {name}; matmul peak {peak_flops / 1e12:.3f} TFLOP/s")

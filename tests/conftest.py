@@ -57,3 +57,36 @@ def tiny_overrides(run_dir: Path, shapes_root: Path, steps: int = 6) -> list[str
         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.latent_stats.num_batches=2",
         "callbacks.model_checkpoint.every_n_train_steps=2", "model.loss.disc_start=3", "num_threads=1",
     ]
+
+
+def cache_latents_cli(export: Path, source: Path, out: Path) -> None:
+    """`scripts/cache_latents.py` in a subprocess, as a user runs it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), f"autoencoder={export}",
+                    f"source={source}", f"out={out}", "resolution=32", f"hydra.run.dir={out}/log"],
+                   check=True, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def stage2_runs(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
+    """Tiny stage 1 (6 steps) -> latent cache -> tiny stage 2 (6 steps) through the entry points, with the sampling
+    callback (every 4 steps) and the evaluation callback (random features, tiny CLIP) on, logging to W&B and CSV."""
+    base = tmp_path_factory.mktemp("stage2")
+    ae_dir, latents, ldm_dir = base / "autoencoder", base / "latents", base / "ldm"
+    run_train(*tiny_overrides(ae_dir, shapes_root, steps=6), "logger=none")
+    cache_latents_cli(ae_dir / "export", shapes_root, latents)
+    run_train("experiment=ldm_tiny", "data=latents", f"data.root={latents}", f"model.autoencoder.path={ae_dir}/export",
+              f"hydra.run.dir={ldm_dir}", f"paths.log_dir={base}", "data.batch_size=16", "trainer.max_steps=6",
+              "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+              "model.lr_scheduler.warmup_steps=2", "num_threads=1", "logger=[wandb,csv]",
+              "callbacks=[default,ema,sample_images,evaluate]",
+              "callbacks.sample_images.every_n_steps=4", "callbacks.sample_images.images_per_prompt=2",
+              "callbacks.sample_images.steps=3",
+              f"callbacks.evaluate.shards={shapes_root}/val", "callbacks.evaluate.num_samples=8",
+              "callbacks.evaluate.every_n_steps=4", "callbacks.evaluate.steps=2", "callbacks.evaluate.batch_size=4",
+              "callbacks.evaluate.metrics=[fid,kid,clip_score]", "callbacks.evaluate.kid_subset_size=4",
+              "callbacks.evaluate.kid_subsets=5", "~callbacks.evaluate.features",
+              "+callbacks.evaluate.features={_target_:ldm.evaluation.features.RandomFeatures}",
+              "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null")
+    return {"ae": ae_dir, "latents": latents, "ldm": ldm_dir, "ckpt": ldm_dir / "checkpoints" / "last.ckpt",
+            "val": shapes_root / "val"}

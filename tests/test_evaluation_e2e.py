@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT, run_train, tiny_overrides
+from conftest import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 
 from ldm.cli.evaluate import checkpoint_stage
@@ -30,26 +30,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("evaluation")
-    ae_dir = base / "autoencoder"
-    run_train(*tiny_overrides(ae_dir, shapes_root, steps=4), "logger=none")
-    latents = base / "latents"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), f"autoencoder={ae_dir / 'export'}",
-                    f"source={shapes_root}", f"out={latents}", "resolution=32", f"hydra.run.dir={latents}/log"],
-                   check=True, capture_output=True, text=True, env=_env())
-    ldm_dir = base / "ldm"
-    run_train("experiment=ldm_tiny", "data=latents", f"data.root={latents}", f"model.autoencoder.path={ae_dir}/export",
-              f"hydra.run.dir={ldm_dir}", f"paths.log_dir={base}", "data.batch_size=16", "trainer.max_steps=6",
-              "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-              "model.lr_scheduler.warmup_steps=2", "num_threads=1", "logger=csv", "callbacks=[default,ema,evaluate]",
-              f"callbacks.evaluate.shards={shapes_root}/val", "callbacks.evaluate.num_samples=8",
-              "callbacks.evaluate.every_n_steps=4", "callbacks.evaluate.steps=2", "callbacks.evaluate.batch_size=4",
-              "callbacks.evaluate.metrics=[fid,kid,clip_score]", "callbacks.evaluate.kid_subset_size=4",
-              "callbacks.evaluate.kid_subsets=5", "~callbacks.evaluate.features",
-              "+callbacks.evaluate.features={_target_:ldm.evaluation.features.RandomFeatures}",
-              "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null")
-    return {"ae": ae_dir, "ldm": ldm_dir, "ckpt": ldm_dir / "checkpoints" / "last.ckpt", "val": shapes_root / "val"}
+def runs(stage2_runs: dict[str, Path]) -> dict[str, Path]:
+    return stage2_runs
 
 
 def evaluate_cfg(runs: dict[str, Path], out: Path, *overrides: str):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from ldm.cli.train import CONF_DIR
 from ldm.data.latent_cache import cache_latents
 from ldm.models.autoencoder.export import load_autoencoder
+from ldm.utils.device import resolve_device
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -29,8 +30,8 @@ def launch_rank() -> tuple[int, int]:
 
 def run(cfg: DictConfig) -> None:
     rank, world_size = launch_rank()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and world_size > 1:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world_size > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ldm.cli.train import CONF_DIR
 from ldm.inference.loading import load_pipeline
 from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.utils.device import resolve_device
 from ldm.utils.images import image_grid, to_uint8
 from ldm.utils.logging import get_logger
 
@@ -64,7 +65,7 @@ def run(cfg: DictConfig) -> list[Path]:
                            cfg.prompts_file)
     if cfg.num_images < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {cfg.num_images} and {cfg.batch_size}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
     image = load_image(cfg.image) if cfg.image else None
     mask = load_image(cfg.mask, "L") if cfg.mask else None
