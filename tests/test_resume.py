@@ -181,3 +181,11 @@ def test_torchrun_ddp_cpu_ranks_see_disjoint_data_and_only_rank0_writes(parts: d
     assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 20
     assert [p.relative_to(run) for p in run.glob("**/metrics.csv")] == [Path("csv/metrics.csv")]
     assert len(list(run.glob("**/config_resolved.yaml"))) == 1
+
+
+@pytest.mark.slow
+def test_resuming_stage2_from_a_stage1_checkpoint_is_refused_by_name(parts: dict[str, Path], tmp_path: Path) -> None:
+    stage1 = parts["export"].parent / "checkpoints" / "last.ckpt"
+    proc = run_train(*stage2(tmp_path / "run", parts, steps=2), f"ckpt_path={stage1}", check=False)
+    assert proc.returncode != 0
+    assert "This is a 'autoencoder' checkpoint; stage 2 resumes only diffusion checkpoints" in proc.stderr
