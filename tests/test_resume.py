@@ -134,6 +134,9 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_pat
         io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "bad": _ExplodingPickle()}, path)
     assert checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # like any file written with open(), not mkstemp's 0600
 
 
 WRITER = """
