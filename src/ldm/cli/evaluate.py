@@ -89,7 +89,7 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if "lpips" in metrics:
         from ldm.models.autoencoder.lpips import LPIPS
 
-        lpips = LPIPS(vgg_weights=cfg.lpips_weights).to(device)
+        lpips = LPIPS(vgg_weights=cfg.lpips_weights, config_key="lpips_weights").to(device)
 
     start = time.time()
     record: dict[str, Any] = {"ckpt": str(Path(cfg.ckpt).resolve()), "stage": stage, "metrics": metrics,

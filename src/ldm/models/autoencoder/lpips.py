@@ -33,11 +33,11 @@ class LPIPS(nn.Module):
     and would add 58 MB to every training checkpoint. `.to()`/`.half()` still move them.
     """
 
-    def __init__(self, vgg_weights: str | None = None) -> None:
+    def __init__(self, vgg_weights: str | None = None, config_key: str = CONFIG_KEY) -> None:
         super().__init__()
         from torchmetrics.functional.image.lpips import _LPIPS
 
-        vgg_state = _vgg_state_dict(vgg_weights)  # first: fail before spending seconds on building the net
+        vgg_state = _vgg_state_dict(vgg_weights, config_key)  # first: fail before spending seconds building the net
         # pnet_rand=True builds the VGG without torchvision downloading anything; we load its weights below.
         # use_dropout=True only matches the key names of the bundled heads (dropout is inactive in eval mode).
         net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True, use_dropout=True)
@@ -57,11 +57,12 @@ class LPIPS(nn.Module):
         return super().train(False)
 
 
-def _vgg_state_dict(path: str | None) -> dict[str, Tensor]:
+def _vgg_state_dict(path: str | None, config_key: str = CONFIG_KEY) -> dict[str, Tensor]:
     """The VGG16 weights from `path`, torch hub's cache or a download, failing fast when none is possible."""
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"VGG16 weights not found at {path!r} (set by {CONFIG_KEY}). {_HOW_TO_GET}")
+            raise FileNotFoundError(f"VGG16 weights not found at {path!r} (set by {config_key}). "
+                                    f"{_how_to_get(config_key)}")
         return torch.load(path, map_location="cpu", weights_only=True)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_URL).name
     if cached.is_file():
@@ -70,14 +71,15 @@ def _vgg_state_dict(path: str | None) -> dict[str, Tensor]:
     if offline or not _reachable(*_PROBE_HOST, timeout=_PROBE_TIMEOUT_S):
         reason = f"{offline[0]} is set" if offline else f"{_PROBE_HOST[0]} is unreachable"
         raise RuntimeError(f"LPIPS needs ImageNet VGG16 weights, which are not cached at {cached} and cannot be "
-                           f"downloaded ({reason}). Set {CONFIG_KEY}=/path/to/vgg16.pth. {_HOW_TO_GET}")
+                           f"downloaded ({reason}). Set {config_key}=/path/to/vgg16.pth. {_how_to_get(config_key)}")
     return torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=False)
 
 
-_HOW_TO_GET = (f"Get the file on a machine with internet: `wget {VGG16_URL}` (or run "
-               "`python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` and copy "
-               f"~/.cache/torch/hub/checkpoints/{Path(VGG16_URL).name}), then point {CONFIG_KEY} at it, or place "
-               "it in that cache folder.")
+def _how_to_get(config_key: str) -> str:
+    return (f"Get the file on a machine with internet: `wget {VGG16_URL}` (or run "
+            "`python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` and copy "
+            f"~/.cache/torch/hub/checkpoints/{Path(VGG16_URL).name}), then point {config_key} at it, or place "
+            "it in that cache folder.")
 
 
 def _reachable(host: str, port: int, timeout: float) -> bool:
