@@ -90,3 +90,14 @@ def stage2_runs(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
               "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null")
     return {"ae": ae_dir, "latents": latents, "ldm": ldm_dir, "ckpt": ldm_dir / "checkpoints" / "last.ckpt",
             "val": shapes_root / "val"}
+
+
+@pytest.fixture(scope="session")
+def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised torchvision VGG16 `features` state dict, saved like the real LPIPS weights file."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
+    return path

@@ -127,16 +127,6 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], tmp_path: Path, overr
 # ------------------------------------------------------------------ scripts/evaluate.py, stage 1
 
 
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from torchvision.models.vgg import cfgs, make_layers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
-    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
-    return path
-
-
 @pytest.mark.parametrize("which", ["export", "checkpoints/last.ckpt"])
 def test_autoencoder_psnr_ssim_lpips_rfid(runs: dict[str, Path], tmp_path: Path, vgg_file: Path, which: str) -> None:
     record = evaluate_run(evaluate_cfg(runs, tmp_path, f"ckpt={runs['ae'] / which}", "resolution=32",

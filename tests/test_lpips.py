@@ -13,17 +13,6 @@ from ldm.models.autoencoder.lpips import CONFIG_KEY, LPIPS
 
 
 @pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised torchvision VGG16 `features` state dict, saved like the real file."""
-    from torchvision.models.vgg import cfgs, make_layers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
-    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def lpips(vgg_file: Path) -> LPIPS:
     return LPIPS(vgg_weights=str(vgg_file))
 
