@@ -217,7 +217,7 @@ def test_notebooks_run_headless(runs: dict[str, Path], name: str, monkeypatch: p
     from nbclient import NotebookClient
 
     monkeypatch.setenv("LDM_CKPT", str(runs["ckpt"]))  # the kernel inherits the environment
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend (headless) emits the figures
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3",
