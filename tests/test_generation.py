@@ -137,6 +137,15 @@ def test_export_samples_the_same_images_as_the_checkpoint(runs: dict[str, Path],
     assert [png(p).tobytes() for p in a] == [png(p).tobytes() for p in b]
 
 
+def test_export_script_writes_a_loadable_folder(runs: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_pipeline.py"), "--ckpt", str(runs["ckpt"]),
+                           "--out", str(tmp_path / "export"), "--raw"], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"pipeline.yaml", "unet.safetensors",
+                                                               "text_encoder.safetensors", "autoencoder"}
+    assert load_pipeline(tmp_path / "export").weights == "raw"
+
+
 def test_ema_and_raw_weights_differ(runs: dict[str, Path]) -> None:
     ema, raw = load_pipeline(runs["ckpt"], ema=True), load_pipeline(runs["ckpt"], ema=False)
     assert ema.weights.startswith("ema") and raw.weights == "raw"
