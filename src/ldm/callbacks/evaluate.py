@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.callbacks.ema import EMA
+from ldm.callbacks.pipeline import training_pipeline
 from ldm.data.shards import expand_urls
 from ldm.evaluation.clip_score import CLIPScore
 from ldm.evaluation.features import FeatureExtractor
@@ -26,7 +25,6 @@ from ldm.evaluation.runner import (
     read_validation,
     reference_statistics,
 )
-from ldm.inference.pipeline import LatentDiffusionPipeline
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -83,30 +81,24 @@ class EvaluateCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Sample, score and log; every rank takes part (each samples its share). Returns the metrics."""
         self._last_step = trainer.global_step
-        resolution = self.resolution or getattr(getattr(trainer, "datamodule", None), "resolution", None)
-        pipeline = LatentDiffusionPipeline(pl_module.unet, pl_module.text_encoder, pl_module.autoencoder,
-                                           pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
-        resolution = int(pipeline.default_size)
         for module in (self.features, self.clip_score):
             if module is not None:
                 module.to(pl_module.device)
-        if self._real is None:  # the real set and its statistics: once per run
-            needs_real = self.features is not None and not (self.reference_path and Path(self.reference_path).is_file())
-            self._real = read_validation(self.shards, num_samples=self.num_samples, resolution=resolution,
-                                         batch_size=self.batch_size, features=self.features if needs_real else None)
-            if self.features is not None:
-                self._reference = reference_statistics(self._real, self.features, resolution, self.reference_path)
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "unet"), None)
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            with ema.averaged(pl_module) if (ema is not None and self.use_ema) else nullcontext():
-                scores = generation_metrics(pipeline, self._real, self._reference, metrics=self.metrics,
-                                            features=self.features, clip_score=self.clip_score, seed=self.seed,
-                                            batch_size=self.batch_size, height=resolution, width=resolution,
-                                            **self.options)
-        finally:
-            pl_module.unet.train(was_training)
+        with training_pipeline(trainer, pl_module, self.use_ema, self.resolution) as pipeline:
+            resolution = int(pipeline.default_size)
+            if self._real is None:  # the real set and its statistics: once per run
+                needs_real = self.features is not None and not (
+                    self.reference_path and Path(self.reference_path).is_file())
+                self._real = read_validation(self.shards, num_samples=self.num_samples, resolution=resolution,
+                                             batch_size=self.batch_size,
+                                             features=self.features if needs_real else None)
+                if self.features is not None:
+                    self._reference = reference_statistics(self._real, self.features, resolution,
+                                                           self.reference_path)
+            scores = generation_metrics(pipeline, self._real, self._reference, metrics=self.metrics,
+                                        features=self.features, clip_score=self.clip_score, seed=self.seed,
+                                        batch_size=self.batch_size, height=resolution, width=resolution,
+                                        **self.options)
         logged = {f"eval/{k}": v for k, v in scores.items()}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)

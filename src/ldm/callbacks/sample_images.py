@@ -11,8 +11,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.callbacks.ema import EMA
-from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.callbacks.pipeline import training_pipeline
 from ldm.utils.images import image_grid, log_image_grid
 from ldm.utils.logging import get_logger
 
@@ -56,34 +55,14 @@ class SampleImages(L.Callback):
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         """Generate and log the grid; returns the images (P * N, 3, H, W) in [-1, 1]."""
         self._last_step = trainer.global_step
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "unet"), None)
         jobs = [(p, self.seed + i) for p in self.prompts for i in range(self.images_per_prompt)]
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            with ema.averaged(pl_module) if (ema is not None and self.use_ema) else _nothing():
-                pipeline = self.pipeline(trainer, pl_module)
-                images = torch.cat([pipeline.generate([p for p, _ in chunk], [s for _, s in chunk],
-                                                      **self.options).images.cpu()
-                                    for chunk in (jobs[i:i + self.batch_size]
-                                                  for i in range(0, len(jobs), self.batch_size))])
-        finally:
-            pl_module.unet.train(was_training)
+        with training_pipeline(trainer, pl_module, self.use_ema, self.resolution) as pipeline:
+            images = torch.cat([pipeline.generate([p for p, _ in chunk], [s for _, s in chunk],
+                                                  **self.options).images.cpu()
+                                for chunk in (jobs[i:i + self.batch_size]
+                                              for i in range(0, len(jobs), self.batch_size))])
         grid = image_grid(images, nrow=self.images_per_prompt)
         out_dir = Path(trainer.default_root_dir) / "images" if trainer.default_root_dir else None
         log_image_grid(trainer.loggers, "samples", grid, trainer.global_step, fallback_dir=out_dir,
                        caption=" | ".join(self.prompts))
         return images
-
-    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule) -> LatentDiffusionPipeline:
-        resolution = self.resolution or getattr(getattr(trainer, "datamodule", None), "resolution", None)
-        return LatentDiffusionPipeline(pl_module.unet, pl_module.text_encoder, pl_module.autoencoder,
-                                       pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

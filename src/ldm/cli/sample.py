@@ -71,7 +71,9 @@ def run(cfg: DictConfig) -> list[Path]:
     mask = load_image(cfg.mask, "L") if cfg.mask else None
     if mask is not None and image is None:
         raise ValueError("mask= needs image= (the picture whose unmasked part is kept)")
-    strength = 1.0 if image is None else cfg.strength if cfg.strength is not None else 1.0 if mask is not None else 0.75
+    strength = 1.0  # text-to-image; with an image: the given strength, else 0.75 (img2img) or 1.0 (inpainting)
+    if image is not None:
+        strength = cfg.strength if cfg.strength is not None else 1.0 if mask is not None else 0.75
     height, width = (image.shape[-2:] if image is not None else
                      (cfg.height or pipeline.default_size, cfg.width or pipeline.default_size))
     pipeline.check_size(int(height), int(width))

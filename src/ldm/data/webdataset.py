@@ -197,6 +197,13 @@ def collate(samples: list[dict[str, Any]], skips: Counter) -> Batch:
     }
 
 
+def _caption(raw: dict[str, Any]) -> str:
+    try:
+        return raw["txt"].decode("utf-8").strip()  # empty is fine: it is the unconditional prompt
+    except (KeyError, UnicodeDecodeError) as e:
+        raise SkipSample("bad_caption", repr(e)) from e
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dataset (runs inside each DataLoader worker)
 
@@ -218,10 +225,7 @@ class ShardDataset(IterableDataset):
 
     def decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         """Raw sample -> {"image", "caption", "key"}; raises SkipSample. Cheap checks run before decoding."""
-        try:
-            caption = raw["txt"].decode("utf-8").strip()  # empty is fine: it is the unconditional prompt
-        except (KeyError, UnicodeDecodeError) as e:
-            raise SkipSample("bad_caption", repr(e)) from e
+        caption = _caption(raw)
         if self.metadata_filters and not passes_filters(_metadata(raw), self.metadata_filters):
             raise SkipSample("filtered")
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -291,10 +295,7 @@ class LatentShardDataset(ShardDataset):
     """The same sharding, shuffling and skipping over latent shards written by `ldm.data.latent_cache`."""
 
     def decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        try:
-            caption = raw["txt"].decode("utf-8").strip()
-        except (KeyError, UnicodeDecodeError) as e:
-            raise SkipSample("bad_caption", repr(e)) from e
+        caption = _caption(raw)
         try:
             latent = torch.from_numpy(np.load(io.BytesIO(raw[LATENT_EXTENSION]), allow_pickle=False))
         except (KeyError, ValueError, OSError) as e:
