@@ -93,6 +93,21 @@ def stage2_runs(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
 
 
 @pytest.fixture(scope="session")
+def latent_parts(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
+    """A tiny stage-1 export (4 steps) and the latent cache of the session's shapes shards made with it."""
+    from ldm.data.latent_cache import cache_latents
+    from ldm.models.autoencoder.export import load_autoencoder
+
+    base = tmp_path_factory.mktemp("latent_parts")
+    run_train(*tiny_overrides(base / "ae", shapes_root, steps=4), "logger=none")
+    export = base / "ae" / "export"
+    for split in ("train", "val"):
+        cache_latents(load_autoencoder(export), str(shapes_root / split), base / "latents" / split, resolution=32,
+                      progress=False)
+    return {"export": export, "latents": base / "latents", "shapes": shapes_root}
+
+
+@pytest.fixture(scope="session")
 def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised torchvision VGG16 `features` state dict, saved like the real LPIPS weights file."""
     from torchvision.models.vgg import cfgs, make_layers

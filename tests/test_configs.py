@@ -99,7 +99,7 @@ def test_offline_lpips_fails_fast_with_the_config_key(tmp_path: Path, shapes_roo
     assert time.time() - start < 10
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "fsdp_cpu"])
 @pytest.mark.parametrize("logger", ["wandb", "csv", "none"])
 def test_trainer_and_logger_groups_compose(trainer: str, logger: str, tmp_path: Path) -> None:
     cfg = compose_cfg(f"trainer={trainer}", f"logger={logger}", f"paths.output_dir={tmp_path}")

@@ -16,22 +16,14 @@ import pytest
 import torch
 from conftest import ROOT, run_train, tiny_overrides
 
-from ldm.data.latent_cache import cache_latents
-from ldm.models.autoencoder.export import load_autoencoder
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 
 KEY_LOG = "+callbacks.sample_log._target_=ldm.callbacks.sample_log.SampleKeyLog"
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("resume")
-    run_train(*tiny_overrides(base / "ae", shapes_root, steps=4), "logger=none")
-    export = base / "ae" / "export"
-    for split in ("train", "val"):
-        cache_latents(load_autoencoder(export), str(shapes_root / split), base / "latents" / split, resolution=32,
-                      progress=False)
-    return {"export": export, "latents": base / "latents"}
+def parts(latent_parts: dict[str, Path]) -> dict[str, Path]:
+    return latent_parts
 
 
 def stage2(run_dir: Path, parts: dict[str, Path], steps: int) -> list[str]:
@@ -74,11 +66,33 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def straight(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of STEPS steps (a checkpoint every 5)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_train(*stage2(run_dir, parts, STEPS))
+    return run_dir
+
+
+def assert_same_end(a_dir: Path, b_dir: Path, note: str) -> None:
+    """Both runs end with equal weights and EMA (bit for bit) at STEPS."""
+    a, b = checkpoint(a_dir / "checkpoints" / "last.ckpt"), checkpoint(b_dir / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STEPS
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), f"{name} differs ({note})"
+    ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (a, b))
+    assert ema_a["num_updates"] == ema_b["num_updates"] == STEPS
+    assert all(torch.equal(v, ema_b["state_dict"][k]) for k, v in ema_a["state_dict"].items())
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(parts: dict[str, Path], tmp_path: Path) -> None:
-    steps = 24
-    run_train(*stage2(tmp_path / "straight", parts, steps))
-    reference = keys_by_step(tmp_path / "straight")
+def test_sigkill_then_resume_equals_an_uninterrupted_run(parts: dict[str, Path], straight: Path,
+                                                         tmp_path: Path) -> None:
+    steps = STEPS
+    reference = keys_by_step(straight)
     assert sorted(reference) == list(range(steps))
 
     kill_at = random.Random().randint(7, 20)  # after at least one checkpoint (every 5 steps)
@@ -95,14 +109,23 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parts: dict[str, Path],
     after = range(saved, steps)
     assert [resumed[s] for s in after] == [reference[s] for s in after], f"killed at {kill_at}, resumed at {saved}"
 
-    a, b = checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt"), checkpoint(
-        interrupted / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == steps
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), f"{name} differs (killed at {kill_at}, resumed at {saved})"
-    ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (a, b))
-    assert ema_a["num_updates"] == ema_b["num_updates"] == steps
-    assert all(torch.equal(v, ema_b["state_dict"][k]) for k, v in ema_a["state_dict"].items())
+    assert_same_end(straight, interrupted, f"killed at {kill_at}, resumed at {saved}")
+
+
+@pytest.mark.slow
+def test_continuing_a_finished_run_to_more_steps_equals_one_run(parts: dict[str, Path], straight: Path,
+                                                                tmp_path: Path) -> None:
+    """A run that ended at max_steps=12 (mid-epoch, between periodic saves) and is continued to STEPS with
+    `ckpt_path=last` finishes its epoch's data, not a new epoch's: its final save is written at the last batch,
+    before Lightning counts the unfinished epoch as done."""
+    run_dir = tmp_path / "run"
+    run_train(*stage2(run_dir, parts, 12))
+    saved = checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 12 and saved["epoch"] == 0
+    run_train(*stage2(run_dir, parts, STEPS), "ckpt_path=last")
+    reference, continued = keys_by_step(straight), keys_by_step(run_dir)
+    assert [continued[s] for s in range(STEPS)] == [reference[s] for s in range(STEPS)]
+    assert_same_end(straight, run_dir, "continued from step 12")
 
 
 @pytest.mark.slow

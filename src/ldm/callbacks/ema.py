@@ -8,7 +8,6 @@ stay the checkpoint's weights, and the EMA sits beside them under `callbacks` wi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch import nn
+
+from ldm.lightning.sharding import copy_full_into, full_tensor
 
 
 class EMA(L.Callback):
@@ -31,7 +32,9 @@ class EMA(L.Callback):
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.attribute, self.decay, self.start_step = attribute, decay, start_step
         self.every_n_steps, self.warmup, self.validate_with_ema = every_n_steps, warmup, validate_with_ema
-        self.ema: nn.Module | None = None
+        self.ema: dict[str, torch.Tensor] | None = None  # the averaged state dict of the target
+        self._params: set[str] = set()
+        self._live: dict[str, torch.Tensor] = {}
         self.num_updates = 0
         self._pending_state: dict[str, Any] | None = None
         self._last_step = -1
@@ -48,10 +51,20 @@ class EMA(L.Callback):
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.ema = copy.deepcopy(self._target(pl_module)).requires_grad_(False).eval()
+        # Tensors, not a module copy: a sharded (FSDP2) UNet cannot be deep-copied, and its DTensor shards
+        # average elementwise like plain tensors.
+        target = self._target(pl_module)
+        named = {**dict(target.named_buffers()), **dict(target.named_parameters())}
+        self._live = {k: named[k] for k in target.state_dict()}  # the saved entries, as the live tensors
+        self._params = {name for name, _ in target.named_parameters()}
+        self.ema = {k: v.detach().clone() for k, v in self._live.items()}
         if self._pending_state is not None:
             self._load_into_ema(self._pending_state)
             self._pending_state = None
+
+    def _pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, average, live tensor) for every entry of the target's state dict."""
+        return [(k, e, self._live[k]) for k, e in self.ema.items()]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -61,19 +74,20 @@ class EMA(L.Callback):
             return
         self._last_step = step
         decay = self.current_decay()
-        ema_p = [p for p in self.ema.parameters()]
-        cur_p = [p.detach() for p in self._target(pl_module).parameters()]
-        torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)  # ema += (1 - decay) * (cur - ema)
-        for b_ema, b in zip(self.ema.buffers(), self._target(pl_module).buffers()):
-            b_ema.copy_(b)
+        pairs = self._pairs()
+        params = [(e, cur.detach()) for k, e, cur in pairs if k in self._params]
+        torch._foreach_lerp_([e for e, _ in params], [c for _, c in params], 1.0 - decay)  # ema += (1-d)(cur-ema)
+        for k, e, cur in pairs:
+            if k not in self._params:  # buffers follow the live model
+                e.copy_(cur)
         self.num_updates += 1
 
     @torch.no_grad()
     def _swap(self, pl_module: L.LightningModule) -> None:
-        for p_ema, p in zip(self.ema.parameters(), self._target(pl_module).parameters()):
+        for _, e, p in self._pairs():
             tmp = p.detach().clone()
-            p.copy_(p_ema)
-            p_ema.copy_(tmp)
+            p.copy_(e)
+            e.copy_(tmp)
 
     @contextmanager
     def averaged(self, pl_module: L.LightningModule) -> Iterator[None]:
@@ -99,7 +113,7 @@ class EMA(L.Callback):
         if self.ema is None:
             return {}
         return {"num_updates": self.num_updates, "decay": self.decay, "attribute": self.attribute,
-                "state_dict": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}}
+                "state_dict": {k: full_tensor(v).detach().cpu() for k, v in self.ema.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -111,4 +125,9 @@ class EMA(L.Callback):
 
     def _load_into_ema(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state["num_updates"])
-        self.ema.load_state_dict(state["state_dict"])
+        saved = state["state_dict"]
+        if set(saved) != set(self.ema):
+            raise ValueError(f"The checkpoint's EMA of {self.attribute!r} does not match the model: missing "
+                             f"{sorted(set(self.ema) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(self.ema))[:5]}")
+        for k, e in self.ema.items():
+            copy_full_into(e, saved[k])

@@ -19,8 +19,11 @@ log = get_logger(__name__)
 
 
 class SampleImages(L.Callback):
-    """Generate `prompts` x `images_per_prompt` on rank 0 in batches of `batch_size` (small: sampling at 256 px
-    runs beside the training state in GPU memory), one grid row per prompt.
+    """Generate `prompts` x `images_per_prompt` in batches of `batch_size` (small: sampling at 256 px runs beside
+    the training state in GPU memory), one grid row per prompt; rank 0 logs the grid.
+
+    Every rank samples: under trainer=fsdp each UNet forward gathers the weights from all ranks, so all must run
+    it; under ddp the other ranks would otherwise only wait for rank 0 at the next gradient all-reduce.
 
     Args:
         every_n_steps: sample when the global step is a multiple of this; 0 only at the end of training.
@@ -50,7 +53,6 @@ class SampleImages(L.Callback):
         if trainer.global_step != self._last_step:
             self.sample(trainer, pl_module)
 
-    @rank_zero_only
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         """Generate and log the grid; returns the images (P * N, 3, H, W) in [-1, 1]."""
@@ -61,8 +63,12 @@ class SampleImages(L.Callback):
                                                   **self.options).images.cpu()
                                 for chunk in (jobs[i:i + self.batch_size]
                                               for i in range(0, len(jobs), self.batch_size))])
+        self._log(trainer, images)
+        return images
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, images: torch.Tensor) -> None:
         grid = image_grid(images, nrow=self.images_per_prompt)
         out_dir = Path(trainer.default_root_dir) / "images" if trainer.default_root_dir else None
         log_image_grid(trainer.loggers, "samples", grid, trainer.global_step, fallback_dir=out_dir,
                        caption=" | ".join(self.prompts))
-        return images

@@ -4,6 +4,7 @@ pipeline, or PSNR / SSIM / LPIPS / rFID of an autoencoder. Work is split over ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +125,14 @@ def generation_metrics(pipeline: LatentDiffusionPipeline, real: ValidationSet, r
     if "clip_score" in metrics and clip_score is None:
         raise ValueError("clip_score needs a CLIPScore model")
     fake, scores, failed = [], [], 0
-    for start in range(0, len(real.captions), batch_size):
+    # Every rank runs as many batches as the busiest one: a sharded (FSDP) UNet gathers its weights in each
+    # forward, which every rank must join; a rank out of samples generates one throw-away image.
+    num_batches = math.ceil(math.ceil(real.num_samples / rank_and_world()[1]) / batch_size)
+    for start in range(0, num_batches * batch_size, batch_size):
         captions = real.captions[start:start + batch_size]
+        if not captions:
+            pipeline.generate(real.captions[:1], [seed], **sample_options)
+            continue
         seeds = [seed + i for i in real.indices[start:start + batch_size]]
         result = pipeline.generate(captions, seeds, **sample_options)
         failed += int((~result.finite).sum())

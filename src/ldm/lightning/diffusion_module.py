@@ -16,6 +16,7 @@ from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.schedules import vp_from_logsnr
 from ldm.lightning.nonfinite import NonFiniteGuard
+from ldm.lightning.sharding import full_tensor, is_sharded, shard_unet
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.checkpoint import check_architecture
@@ -87,6 +88,22 @@ class DiffusionModule(L.LightningModule):
         self.autoencoder.eval()  # frozen: no dropout, no norm-statistics updates, ever
         return self
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (FSDP2) shard the UNet over the data-parallel ranks; a no-op otherwise. The
+        frozen autoencoder and text encoder stay whole on every rank: they take no gradients or optimizer state."""
+        mesh = self._device_mesh
+        if mesh is None or is_sharded(self.unet):
+            return
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("unet.")]
+        if trainable:  # their gradients would never be reduced across ranks
+            raise ValueError(f"trainer=fsdp shards only the UNet, but {trainable[:3]} also train; freeze them or "
+                             "use trainer=ddp.")
+        shard_unet(self.unet, mesh["data_parallel"])
+        # The checkpoint holds no autoencoder (see state_dict); Lightning's sharded loader checks keys itself and
+        # would refuse that, so it loads non-strictly and the stage and architecture checks of
+        # on_load_checkpoint stand guard.
+        self.strict_loading = False
+
     # ------------------------------------------------------------------ inputs
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -137,7 +154,7 @@ class DiffusionModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             gradient_clip_val = None
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"), foreach=True)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"), foreach=True))
         if not self.guard.all_finite(self.trainer.strategy, norm):
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
         else:

@@ -1,0 +1,73 @@
+"""Fully sharded data parallel training (FSDP2, `torch.distributed.fsdp.fully_shard`) for UNets whose weights,
+gradients and optimizer state do not fit one GPU beside the activations.
+
+Why not Lightning's `FSDPStrategy`: it wraps the whole LightningModule in FSDP1, whose flat parameters make the
+UNet's own parameters unusable outside the root forward (the EMA, sampling and evaluation callbacks call
+`pl_module.unet` directly) and which refuses to run without CUDA, so nothing of it could be tested on CPU.
+FSDP2 keeps every parameter a `DTensor` under its own name, so the EMA is elementwise per shard, checkpoints keep
+the plain UNet's keys, and the same code path runs on CPU with gloo (`trainer=fsdp_cpu`) in the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ldm.models.unet.blocks import ResBlock, SpatialTransformer
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy with every process in one data-parallel group (no tensor parallelism), writing
+    one full checkpoint file by default, like the other strategies, so that `sample.py`, `evaluate.py` and
+    resumes with another number of GPUs read it unchanged. The LightningModule shards itself in
+    `configure_model` over `device_mesh["data_parallel"]`."""
+
+    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" data-parallel size is the number of nodes (it expects tensor parallelism
+        # inside a node); here every process is a data-parallel rank.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def shard_unet(unet: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `unet` in place: each ResBlock and transformer is its own unit (its weights are gathered just for
+    its forward and backward), the remaining layers (stem, time embedding, resamplers, head) form the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in unet.modules():
+        if isinstance(module, (ResBlock, SpatialTransformer)):
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return unet
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when any of the module's parameters is a DTensor (sharded by `fully_shard`)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor is gathered from every rank (a collective: all ranks must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full: Tensor, target: Tensor) -> Tensor:
+    """`full` laid out as `target`: this rank's shard when `target` is a DTensor, else `full` itself."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+    return full
+
+
+@torch.no_grad()
+def copy_full_into(target: Tensor, full: Tensor) -> None:
+    """Copy a whole (unsharded) tensor into `target`, which may be a DTensor shard."""
+    target.copy_(like(full, target))
