@@ -17,12 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, tiny_overrides
 from hydra import compose, initialize_config_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:FID from .* rank-deficient")]
 STEPS = 8  # 256 samples / (2 ranks x 16) = 8 batches: one epoch
 EVAL = {"num_samples": 9, "steps": 2, "batch_size": 4, "kid_subset_size": 4, "kid_subsets": 5}  # 9: uneven ranks
+
+
+def launch(overrides: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), "print_config=false", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
 
 
 def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *extra: str) -> None:
@@ -40,11 +48,7 @@ def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *e
         "~callbacks.evaluate.features", "+callbacks.evaluate.features={_target_:ldm.evaluation.features.RandomFeatures}",
         "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null",
         *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), "print_config=false", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = launch(overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -114,8 +118,10 @@ def test_a_sharded_checkpoint_evaluates_on_one_process_as_during_training(runs: 
 def test_a_sharded_run_continued_from_last_equals_one_run(runs: dict[str, Path], latent_parts: dict[str, Path],
                                                           tmp_path: Path) -> None:
     run_dir = tmp_path / "fsdp_cpu"
-    torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS // 2, "~callbacks.sample_images")
-    torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS, "~callbacks.sample_images", "ckpt_path=last")
+    # with activation checkpointing of the sharded blocks too: recomputation is exact, so the end must still be
+    extra = ["~callbacks.sample_images", "model.unet.gradient_checkpointing=true"]
+    torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS // 2, *extra)
+    torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS, *extra, "ckpt_path=last")
     for rank in (0, 1):
         keys = [(run / f"keys_rank{rank}.tsv").read_text().splitlines() for run in (runs["fsdp_cpu"], run_dir)]
         assert keys[1] == keys[0], f"rank {rank} saw other samples after the restart"
@@ -125,3 +131,9 @@ def test_a_sharded_run_continued_from_last_equals_one_run(runs: dict[str, Path],
     assert ema_of(continued)["num_updates"] == STEPS
     for name, tensor in ema_of(one)["state_dict"].items():
         assert torch.equal(ema_of(continued)["state_dict"][name], tensor), name
+
+
+def test_fsdp_for_the_autoencoder_is_refused_with_a_clear_message(shapes_root: Path, tmp_path: Path) -> None:
+    proc = launch([*tiny_overrides(tmp_path / "ae", shapes_root, steps=1), "trainer=fsdp_cpu", "logger=none"])
+    assert proc.returncode != 0
+    assert "trainer=fsdp shards the stage-2 UNet; an autoencoder fits one GPU" in proc.stderr, proc.stderr[-3000:]

@@ -73,6 +73,11 @@ class AutoencoderModule(L.LightningModule):
     def generator_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.autoencoder.parameters(), *self.loss.parameters()] if p.requires_grad]
 
+    def configure_model(self) -> None:
+        if self._device_mesh is not None:  # set by trainer=fsdp; without this, Lightning's message blames the hook
+            raise ValueError("trainer=fsdp shards the stage-2 UNet; an autoencoder fits one GPU: train it with "
+                             "trainer=ddp (or gpu).")
+
     def configure_optimizers(self) -> Any:
         optimizers = [self.optimizer_factory(self.generator_parameters())]
         if self.discriminator is not None:
