@@ -118,3 +118,14 @@ def test_missing_autoencoder_export_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(FileNotFoundError, match="Train stage 1 first"):
         load_autoencoder(tmp_path / "nowhere")
+
+
+def test_fsdp_with_a_trainable_text_encoder_is_refused_by_name() -> None:
+    """Only the UNet is sharded; a trainable text tower's gradients would never be reduced across ranks."""
+    m = module()
+    m.text_encoder.requires_grad_(True)
+    m._device_mesh = object()  # what trainer=fsdp sets before configure_model (the mesh is not reached)
+    with pytest.raises(ValueError, match=r"trainer=fsdp shards only the UNet, but \['text_encoder\."):
+        m.configure_model()
+    m._device_mesh = None  # any other strategy: nothing to do
+    m.configure_model()
