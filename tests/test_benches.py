@@ -44,3 +44,18 @@ def test_stage2_step_reports_both_inputs(capsys: pytest.CaptureFixture[str]) -> 
         assert all(v > 0 for v in r["flops"].values())
     assert rows[1]["ratio"] > 0
     assert "cached latents / on the fly" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sharding_memory_halves_the_training_state_on_two_ranks() -> None:
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(BENCH / "sharding_memory.py"), "--unet", "tiny", "--resolution", "32"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = float(re.search(r"fsdp / ddp training state: ([0-9.]+)", proc.stdout).group(1))
+    assert 0.45 < ratio < 0.55, proc.stdout  # each rank holds half the weights, gradients and AdamW moments
