@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/autoencoder_step.py
 	$(BIN)/python bench/sample_throughput.py
 	$(BIN)/python bench/stage2_step.py
+	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=2 bench/sharding_memory.py
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
