@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train, tiny_overrides
+from conftest import ROOT, run_train
 
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 
