@@ -16,11 +16,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from ldm.evaluation import features as features_module
 from ldm.evaluation.clip_score import CLIPScore
 from ldm.evaluation.features import INCEPTION_URL, InceptionFeatures, RandomFeatures
 from ldm.evaluation.metrics import FeatureStats, frechet_distance, kernel_distance, reconstruction_scores
 from ldm.evaluation.runner import read_validation, reference_statistics
+from ldm.utils import hub_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,7 +169,7 @@ def test_random_features_are_deterministic_and_resolution_independent() -> None:
 @pytest.fixture
 def empty_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    for name in features_module._OFFLINE_ENV:
+    for name in hub_weights.OFFLINE_ENV:
         monkeypatch.delenv(name, raising=False)
     return tmp_path
 
@@ -177,7 +177,7 @@ def empty_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_offline_inception_without_a_local_file_fails_fast(empty_torch_hub: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(features_module, "hub_reachable", lambda *a, **k: pytest.fail("probed the network"))
+    monkeypatch.setattr(hub_weights, "hub_reachable", lambda *a, **k: pytest.fail("probed the network"))
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match="features.weights=/path/to/weights-inception-2015-12-05") as info:
         InceptionFeatures()
@@ -187,7 +187,7 @@ def test_offline_inception_without_a_local_file_fails_fast(empty_torch_hub: Path
 
 def test_unreachable_download_host_fails_fast(empty_torch_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probed = []
-    monkeypatch.setattr(features_module, "hub_reachable", lambda host, port: probed.append(host) or False)
+    monkeypatch.setattr(hub_weights, "hub_reachable", lambda host, port, **_: probed.append(host) or False)
     with pytest.raises(RuntimeError, match="github.com is unreachable"):
         InceptionFeatures()
     assert probed == ["github.com"]

@@ -10,6 +10,7 @@ import torch
 
 from ldm.models.autoencoder import lpips as lpips_module
 from ldm.models.autoencoder.lpips import CONFIG_KEY, LPIPS
+from ldm.utils import hub_weights
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_offline_env_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_unreachable_host_fails_within_probe_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    for name in lpips_module._OFFLINE_ENV:
+    for name in hub_weights.OFFLINE_ENV:
         monkeypatch.delenv(name, raising=False)
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so the connect hangs until the probe gives up.
     monkeypatch.setattr(lpips_module, "_PROBE_HOST", ("192.0.2.1", 443))

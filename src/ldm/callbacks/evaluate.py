@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.callbacks.pipeline import training_pipeline
+from ldm.callbacks.pipeline import SamplingCallback
 from ldm.data.shards import expand_urls
 from ldm.evaluation.clip_score import CLIPScore
 from ldm.evaluation.features import FeatureExtractor
@@ -30,7 +29,7 @@ from ldm.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-class EvaluateCallback(L.Callback):
+class EvaluateCallback(SamplingCallback):
     """Generation metrics of a stage-2 run on fixed prompts and seeds, so the curves of a sweep compare.
 
     Args:
@@ -54,37 +53,24 @@ class EvaluateCallback(L.Callback):
             raise ValueError("EvaluateCallback: fid/kid need `features` (conf/callbacks/evaluate.yaml builds one)")
         if "clip_score" in self.metrics and clip_score is None:
             raise ValueError("EvaluateCallback: clip_score needs `clip_score` (an ldm.evaluation.clip_score.CLIPScore)")
-        self.shards, self.num_samples, self.seed, self.every_n_steps = shards, num_samples, seed, every_n_steps
+        super().__init__(every_n_steps, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+                         guidance_rescale=guidance_rescale, use_ema=use_ema, resolution=resolution)
+        self.shards, self.num_samples, self.seed, self.batch_size = shards, num_samples, seed, batch_size
         self.features, self.clip_score, self.reference_path = features, clip_score, reference
-        self.batch_size, self.use_ema, self.resolution = batch_size, use_ema, resolution
-        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
-                        "guidance_rescale": guidance_rescale, "kid_subset_size": kid_subset_size,
-                        "kid_subsets": kid_subsets}
+        self.kid = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets}
         self._real: ValidationSet | None = None
         self._reference: FeatureStats | None = None
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         expand_urls(self.shards)  # a wrong path fails at start-up, not at the first evaluation
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Sample, score and log; every rank takes part (each samples its share). Returns the metrics."""
-        self._last_step = trainer.global_step
         for module in (self.features, self.clip_score):
             if module is not None:
                 module.to(pl_module.device)
-        with training_pipeline(trainer, pl_module, self.use_ema, self.resolution) as pipeline:
+        with self.pipeline(trainer, pl_module) as pipeline:
             resolution = int(pipeline.default_size)
             if self._real is None:  # the real set and its statistics: once per run
                 needs_real = self.features is not None and not (
@@ -98,7 +84,7 @@ class EvaluateCallback(L.Callback):
             scores = generation_metrics(pipeline, self._real, self._reference, metrics=self.metrics,
                                         features=self.features, clip_score=self.clip_score, seed=self.seed,
                                         batch_size=self.batch_size, height=resolution, width=resolution,
-                                        **self.options)
+                                        **self.options, **self.kid)
         logged = {f"eval/{k}": v for k, v in scores.items()}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)

@@ -1,9 +1,11 @@
-"""The training module's parts as a LatentDiffusionPipeline, for callbacks that sample during training."""
+"""The training module's parts as a LatentDiffusionPipeline, and the base of the callbacks that sample with it
+during training."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import lightning.pytorch as L
 
@@ -26,3 +28,37 @@ def training_pipeline(trainer: L.Trainer, pl_module: L.LightningModule, use_ema:
                                           pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
     finally:
         pl_module.unet.train(was_training)
+
+
+class SamplingCallback(L.Callback):
+    """Base of the callbacks that sample during training (`SampleImages`, `EvaluateCallback`): `run` is called when
+    the global step is a multiple of `every_n_steps` (0: never during training) and once at the end of training
+    unless that step was just done. `options` are the sampler settings passed to `pipeline.generate`."""
+
+    def __init__(self, every_n_steps: int, *, sampler: str, steps: int, spacing: str, guidance: float,
+                 guidance_rescale: float, use_ema: bool, resolution: int | None) -> None:
+        self.every_n_steps, self.use_ema, self.resolution = every_n_steps, use_ema, resolution
+        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
+                        "guidance_rescale": guidance_rescale}
+        self._last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        raise NotImplementedError
+
+    def pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule
+                 ) -> AbstractContextManager[LatentDiffusionPipeline]:
+        return training_pipeline(trainer, pl_module, self.use_ema, self.resolution)
+
+    def _run_at(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._run_at(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._run_at(trainer, pl_module)

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.callbacks.pipeline import training_pipeline
+from ldm.callbacks.pipeline import SamplingCallback
 from ldm.utils.images import image_grid, log_image_grid
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-class SampleImages(L.Callback):
+class SampleImages(SamplingCallback):
     """Generate `prompts` x `images_per_prompt` in batches of `batch_size` (small: sampling at 256 px runs beside
     the training state in GPU memory), one grid row per prompt; rank 0 logs the grid.
 
@@ -36,29 +35,16 @@ class SampleImages(L.Callback):
                  resolution: int | None = None) -> None:
         if not prompts:
             raise ValueError("SampleImages needs at least one prompt")
+        super().__init__(every_n_steps, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+                         guidance_rescale=guidance_rescale, use_ema=use_ema, resolution=resolution)
         self.prompts, self.images_per_prompt, self.seed = list(prompts), images_per_prompt, seed
-        self.every_n_steps, self.batch_size, self.use_ema, self.resolution = every_n_steps, batch_size, use_ema, \
-            resolution
-        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
-                        "guidance_rescale": guidance_rescale}
-        self._last_step = -1
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
-            self.sample(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.sample(trainer, pl_module)
+        self.batch_size = batch_size
 
     @torch.no_grad()
-    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         """Generate and log the grid; returns the images (P * N, 3, H, W) in [-1, 1]."""
-        self._last_step = trainer.global_step
         jobs = [(p, self.seed + i) for p in self.prompts for i in range(self.images_per_prompt)]
-        with training_pipeline(trainer, pl_module, self.use_ema, self.resolution) as pipeline:
+        with self.pipeline(trainer, pl_module) as pipeline:
             images = torch.cat([pipeline.generate([p for p, _ in chunk], [s for _, s in chunk],
                                                   **self.options).images.cpu()
                                 for chunk in (jobs[i:i + self.batch_size]

@@ -8,21 +8,17 @@ computed with one extractor are never compared with features of another.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.models.text_encoder.openclip import hub_reachable
+from ldm.utils.hub_weights import torch_hub_file
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_KEY = "features.weights"  # in conf/evaluate.yaml; callbacks.evaluate.features.weights when training
 INCEPTION_ENV = "LDM_INCEPTION_WEIGHTS"
-_OFFLINE_ENV = ("LDM_OFFLINE", "HF_HUB_OFFLINE", "TORCH_HUB_OFFLINE")
-_PROBE = ("github.com", 443)
 
 
 class FeatureExtractor(nn.Module):
@@ -108,23 +104,12 @@ class RandomFeatures(FeatureExtractor):
 def inception_weights(path: str | None) -> str | None:
     """A local Inception weights file (`path`, else torch hub's cache), or None when a download can work;
     raises at once, saying how to get the file, when none of these is possible."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Inception weights not found at {path!r} (set by {INCEPTION_KEY}). {_HOW_TO_GET}")
-        return str(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
-    if cached.is_file():
-        return str(cached)
-    offline = [name for name in _OFFLINE_ENV if os.environ.get(name, "") not in ("", "0")]
-    if offline or not hub_reachable(*_PROBE):
-        reason = f"{offline[0]} is set" if offline else f"{_PROBE[0]} is unreachable"
-        raise RuntimeError(f"FID/KID need the Inception weights, which are not cached at {cached} and cannot be "
-                           f"downloaded ({reason}). Set {INCEPTION_KEY}=/path/to/{Path(INCEPTION_URL).name} "
-                           f"(callbacks.evaluate.features.weights in training, or the environment variable "
-                           f"{INCEPTION_ENV} for both). {_HOW_TO_GET}")
-    return None  # torch-fidelity downloads it into the hub cache
+    local = torch_hub_file(INCEPTION_URL, path, key=INCEPTION_KEY, what="Inception weights",
+                           needed="FID/KID need the Inception weights", how_to_get=_HOW_TO_GET)
+    return str(local) if local is not None else None  # None: torch-fidelity downloads it into the hub cache
 
 
-_HOW_TO_GET = (f"Get the file on a machine with internet (`wget {INCEPTION_URL}`), then point {INCEPTION_KEY} at it "
-               f"or place it in torch hub's cache folder (~/.cache/torch/hub/checkpoints/). For a smoke test without "
-               "weights use features=random.")
+_HOW_TO_GET = (f"In training the key is callbacks.evaluate.features.weights; the environment variable "
+               f"{INCEPTION_ENV} sets both. Get the file on a machine with internet (`wget {INCEPTION_URL}`), then "
+               f"point {INCEPTION_KEY} at it or place it in torch hub's cache folder "
+               "(~/.cache/torch/hub/checkpoints/). For a smoke test without weights use features=random.")

@@ -6,19 +6,18 @@ ImageNet VGG16 backbone comes from outside, and offline it must be a local file.
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ldm.utils.hub_weights import torch_hub_file
+
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 CONFIG_KEY = "model.loss.perceptual.vgg_weights"
 _PROBE_HOST = ("download.pytorch.org", 443)
 _PROBE_TIMEOUT_S = 3.0
-_OFFLINE_ENV = ("LDM_OFFLINE", "HF_HUB_OFFLINE", "TORCH_HUB_OFFLINE")
 
 
 class LPIPS(nn.Module):
@@ -59,20 +58,12 @@ class LPIPS(nn.Module):
 
 def _vgg_state_dict(path: str | None, config_key: str = CONFIG_KEY) -> dict[str, Tensor]:
     """The VGG16 weights from `path`, torch hub's cache or a download, failing fast when none is possible."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"VGG16 weights not found at {path!r} (set by {config_key}). "
-                                    f"{_how_to_get(config_key)}")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_URL).name
-    if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    offline = [name for name in _OFFLINE_ENV if os.environ.get(name, "") not in ("", "0")]
-    if offline or not _reachable(*_PROBE_HOST, timeout=_PROBE_TIMEOUT_S):
-        reason = f"{offline[0]} is set" if offline else f"{_PROBE_HOST[0]} is unreachable"
-        raise RuntimeError(f"LPIPS needs ImageNet VGG16 weights, which are not cached at {cached} and cannot be "
-                           f"downloaded ({reason}). Set {config_key}=/path/to/vgg16.pth. {_how_to_get(config_key)}")
-    return torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=False)
+    local = torch_hub_file(VGG16_URL, path, key=config_key, what="VGG16 weights",
+                           needed="LPIPS needs ImageNet VGG16 weights", how_to_get=_how_to_get(config_key),
+                           local_name="vgg16.pth", probe_host=_PROBE_HOST[0], timeout=_PROBE_TIMEOUT_S)
+    if local is None:
+        return torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=False)
+    return torch.load(local, map_location="cpu", weights_only=True)
 
 
 def _how_to_get(config_key: str) -> str:
@@ -80,25 +71,6 @@ def _how_to_get(config_key: str) -> str:
             "`python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` and copy "
             f"~/.cache/torch/hub/checkpoints/{Path(VGG16_URL).name}), then point {config_key} at it, or place "
             "it in that cache folder.")
-
-
-def _reachable(host: str, port: int, timeout: float) -> bool:
-    """TCP connect within `timeout` s. Runs in a thread because DNS lookups ignore socket timeouts."""
-    import socket
-
-    result = [False]
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result[0] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result[0]
 
 
 def _load_vgg_features(vgg: nn.Module, state_dict: dict[str, Tensor]) -> None:

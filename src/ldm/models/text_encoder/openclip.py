@@ -7,8 +7,6 @@ tower is built, and tagged weights fail fast and clearly when they can be neithe
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,11 +20,12 @@ from open_clip.model import _build_text_tower  # builds the text tower alone: no
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+from ldm.utils.hub_weights import PROBE_TIMEOUT_S, hub_reachable
+
 Layer = Literal["last", "penultimate"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # ships `ldm-tiny-text.json`
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's preference
-PROBE_TIMEOUT_S = 2.0
 PRETRAINED_KEY = "model.text_encoder.pretrained"
 _registered_config_dirs: set[str] = set()
 
@@ -287,23 +286,6 @@ def resolve_pretrained(model_name: str, pretrained: str | None, *, key: str = PR
         reason = f"{host}:{port} is unreachable (no connection within {PROBE_TIMEOUT_S:.0f} s)"
         raise RuntimeError(_offline_message(model_name, pretrained, cfg, reason, key))
     return open_clip.download_pretrained(cfg)
-
-
-def hub_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection opens within `timeout` s (a thread: DNS lookups ignore socket timeouts)."""
-    opened = threading.Event()
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            opened.set()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return opened.is_set()
 
 
 def load_text_weights(text: TextTransformer, path: str) -> None:
