@@ -13,7 +13,6 @@ process per device with torchrun:
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ldm.evaluation.distributed import init_from_env, rank_and_world
 from ldm.lightning.sharding import shard_unet
 
 CONF = Path(__file__).resolve().parents[1] / "conf/model/unet"
@@ -70,11 +70,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    device = init_from_env(args.device)
+    rank, world = rank_and_world()
+    if world < 2:
+        parser.error("launch at least two processes: torchrun --nproc_per_node=2 bench/sharding_memory.py")
     cfg = OmegaConf.load(CONF / f"{args.unet}.yaml")
 
     results = {}

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -34,14 +36,30 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+class Lin(L.LightningModule):
+    """The smallest LightningModule: one linear layer (`net`) trained by SGD on (B, 3) batches; for callback tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def run_train(*overrides: str, cwd: Path = ROOT, timeout: float = 600, check: bool = True,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python train.py <overrides>` in a subprocess with offline W&B and one thread per process."""
+              env: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess[str]:
+    """`python train.py <overrides>` in a subprocess with offline W&B and one thread per process; with `nproc` > 1
+    through `torchrun --standalone --nproc_per_node=<nproc>`."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "HYDRA_FULL_ERROR": "1", **(env or {})}
     flags = [o for o in overrides if o.startswith("-")]  # -m must precede the overrides
     args = [*flags, "print_config=false", *(o for o in overrides if not o.startswith("-"))]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train.py"), *args],
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -7,7 +7,7 @@ from functools import partial
 import lightning.pytorch as L
 import pytest
 import torch
-from torch import nn
+from conftest import Lin
 
 from ldm.callbacks.ema import EMA
 from ldm.lightning.autoencoder_module import AutoencoderModule
@@ -90,18 +90,6 @@ def test_discriminator_gets_only_its_own_gradient() -> None:
     g_loss.backward()
     assert all(p.grad is None for p in module.discriminator.parameters())
     assert module.autoencoder.last_layer.grad is not None
-
-
-class Lin(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(3, 2)
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch).square().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_ema_matches_a_hand_computed_average_and_round_trips() -> None:

@@ -9,23 +9,11 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from torch import nn
+from conftest import Lin
 
 from ldm.callbacks.model_checkpoint import ModelCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Lin(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(3, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch).square().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class StopAt(L.Callback):

@@ -189,12 +189,7 @@ def test_torchrun_ddp_cpu_ranks_see_disjoint_data_and_only_rank0_writes(parts: d
     """`torchrun --nproc_per_node=2 train.py ... trainer=ddp_cpu`: one run folder (no hydra.run.dir given), disjoint
     samples per rank in every epoch, checkpoints and logs written once."""
     overrides = [o for o in stage2(tmp_path / "unused", parts, steps=20) if not o.startswith("hydra.run.dir")]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), "print_config=false", *overrides, "trainer=ddp_cpu",
-                           f"paths.log_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_train(*overrides, "trainer=ddp_cpu", f"paths.log_dir={tmp_path}", nproc=2, timeout=900)
     runs = list((tmp_path / "ldm_tiny" / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
     run = runs[0]

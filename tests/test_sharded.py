@@ -10,27 +10,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT, tiny_overrides
+from conftest import CONF_DIR, run_train, tiny_overrides
 from hydra import compose, initialize_config_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:FID from .* rank-deficient")]
 STEPS = 8  # 256 samples / (2 ranks x 16) = 8 batches: one epoch
 EVAL = {"num_samples": 9, "steps": 2, "batch_size": 4, "kid_subset_size": 4, "kid_subsets": 5}  # 9: uneven ranks
-
-
-def launch(overrides: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), "print_config=false", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
 def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *extra: str) -> None:
@@ -48,8 +37,7 @@ def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *e
         "~callbacks.evaluate.features", "+callbacks.evaluate.features={_target_:ldm.evaluation.features.RandomFeatures}",
         "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null",
         *extra]
-    proc = launch(overrides)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_train(*overrides, nproc=2, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +122,7 @@ def test_a_sharded_run_continued_from_last_equals_one_run(runs: dict[str, Path],
 
 
 def test_fsdp_for_the_autoencoder_is_refused_with_a_clear_message(shapes_root: Path, tmp_path: Path) -> None:
-    proc = launch([*tiny_overrides(tmp_path / "ae", shapes_root, steps=1), "trainer=fsdp_cpu", "logger=none"])
+    proc = run_train(*tiny_overrides(tmp_path / "ae", shapes_root, steps=1), "trainer=fsdp_cpu", "logger=none",
+                     nproc=2, check=False, timeout=900)
     assert proc.returncode != 0
     assert "trainer=fsdp shards the stage-2 UNet; an autoencoder fits one GPU" in proc.stderr, proc.stderr[-3000:]

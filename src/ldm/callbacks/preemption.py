@@ -14,6 +14,7 @@ import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldm.utils.checkpoint import CHECKPOINT_DIR, LAST
+from ldm.utils.hydra_ddp import slurm_job_id
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,10 +59,8 @@ class Preemption(L.Callback):
         trainer.should_stop = True
         self.received = None
         if self.requeue and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
-            job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-            task = os.environ.get("SLURM_ARRAY_TASK_ID")
-            result = subprocess.run(["scontrol", "requeue", f"{job}_{task}" if task else job], capture_output=True,
-                                    text=True)
+            job = slurm_job_id()
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             log.warning(f"scontrol requeue {job}: {'ok' if result.returncode == 0 else result.stderr.strip()}")
 
     @staticmethod

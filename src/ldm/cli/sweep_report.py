@@ -408,12 +408,12 @@ def report(root: str | Path, *, metrics: Sequence[str] = DEFAULT_METRICS, sort: 
                       "(the same bins for every schedule)."]
     if skipped:
         lines += ["", "Skipped (no metrics): " + ", ".join(str(p) for p in skipped)]
-    markdown = "\n".join(lines) + "\n"
+    markdown, table_csv = "\n".join(lines) + "\n", format_csv(jobs, columns)
 
     out = Path(out) if out is not None else root / "sweep_report.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown)
-    out.with_suffix(".csv").write_text(format_csv(jobs, columns))
+    out.with_suffix(".csv").write_text(table_csv)
     try:
         plot(jobs, out)
     except ImportError:
@@ -421,7 +421,7 @@ def report(root: str | Path, *, metrics: Sequence[str] = DEFAULT_METRICS, sort: 
     for path in skipped:
         log.warning(f"skipped {path}: no csv/metrics.csv, W&B run or eval.jsonl with metrics")
     log.info(f"Wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
-    return markdown if fmt == "markdown" else format_csv(jobs, columns)
+    return markdown if fmt == "markdown" else table_csv
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -60,14 +60,9 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def like(full: Tensor, target: Tensor) -> Tensor:
-    """`full` laid out as `target`: this rank's shard when `target` is a DTensor, else `full` itself."""
-    if isinstance(target, DTensor):
-        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
-    return full
-
-
 @torch.no_grad()
 def copy_full_into(target: Tensor, full: Tensor) -> None:
-    """Copy a whole (unsharded) tensor into `target`, which may be a DTensor shard."""
-    target.copy_(like(full, target))
+    """Copy a whole (unsharded) tensor into `target`; a DTensor target takes this rank's shard of it."""
+    if isinstance(target, DTensor):
+        full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+    target.copy_(full)

@@ -67,12 +67,17 @@ def run_id() -> str:
     launch gets the time, as Hydra's default does.
     """
     if "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ:
-        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
+        return f"slurm-{slurm_job_id()}"
     if "TORCHELASTIC_RUN_ID" in os.environ:
         rdzv = os.environ["TORCHELASTIC_RUN_ID"]
         return f"torchrun-{rdzv if rdzv != 'none' else os.getppid()}"
     from datetime import datetime
 
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def slurm_job_id() -> str:
+    """This SLURM job's id as `scontrol` takes it: `<array job>_<task>` for an array task, else the job id."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if task else job
