@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast quickstart lint bench clean
+.PHONY: setup test test-fast quickstart notebooks lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,14 @@ test-fast: $(STAMP)
 # Built-in shapes shards -> tiny autoencoder -> latent cache -> tiny text-to-image LDM -> samples + adherence scores.
 quickstart: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python scripts/quickstart.py
+
+# Execute notebooks/*.ipynb in place, outputs (figures) kept, for committing. sampling.ipynb loads the quickstart's
+# LDM, so in a fresh clone this first runs `make quickstart` (about 15 min on a 2-core CPU).
+notebooks: $(STAMP) outputs/quickstart/ldm/done
+	$(BIN)/python scripts/execute_notebooks.py
+
+outputs/quickstart/ldm/done: | $(STAMP)
+	$(MAKE) quickstart
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
