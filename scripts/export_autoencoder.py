@@ -13,7 +13,7 @@ import torch
 
 from ldm.callbacks.latent_stats import measure_latents
 from ldm.data.webdataset import ShardLoader
-from ldm.models.autoencoder.export import export_autoencoder, load_autoencoder
+from ldm.models.autoencoder.export import export_autoencoder, load_autoencoder, trained_resolution
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
     scale, mean, std = stats.finalize()
     autoencoder.set_latent_stats(scale, mean, std)
     out = args.out or Path(args.ckpt).resolve().parent.parent / "export"
-    export_autoencoder(autoencoder.cpu(), out, source_checkpoint=str(args.ckpt))
+    export_autoencoder(autoencoder.cpu(), out, resolution=trained_resolution(args.ckpt),
+                       source_checkpoint=str(args.ckpt))
     print(f"latent scale {scale:.5f}, mean {mean.tolist()}, std {std.tolist()} over {int(stats.count)} positions")
     print(f"exported to {out}")
 

@@ -3,6 +3,7 @@ unbiasedness, the CLIP-score path with a tiny random OpenCLIP model, reference s
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def test_too_few_samples_are_clear_errors() -> None:
         kernel_distance(gaussian(20, 8, seed=0), gaussian(1, 8, seed=1))
     assert kernel_distance(gaussian(20, 8, seed=0), gaussian(30, 8, seed=1), subsets=2)[0] == pytest.approx(
         kernel_distance(gaussian(20, 8, seed=0), gaussian(30, 8, seed=1), subset_size=20, subsets=2)[0])
+
+
+def test_kid_whose_subsets_are_the_whole_set_warns_and_reports_no_std(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = gaussian(20, 8, seed=0), gaussian(20, 8, seed=1, shift=0.2)
+    with caplog.at_level("WARNING", logger="ldm.evaluation.metrics"):
+        mean, std = kernel_distance(a, b, subsets=5)  # subset_size null: min(1000, 20) = 20, every subset is all
+    assert math.isnan(std) and mean == pytest.approx(kernel_distance(a, b, subset_size=20, subsets=5)[0])
+    assert "kid_subset_size=null (min(1000, num_samples) = 20) equals the smaller of 20 real and 20 generated" \
+        in caplog.text and "set kid_subset_size=10" in caplog.text and "null in the json" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.evaluation.metrics"):
+        _, std_half = kernel_distance(a, b, subset_size=10, subsets=5)
+    assert std_half > 1e-6 and not caplog.text  # subsets of half the set differ: a real spread, no warning
 
 
 def test_fid_with_fewer_samples_than_features_warns() -> None:

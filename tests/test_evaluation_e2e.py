@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,14 +130,50 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], tmp_path: Path, overr
 
 @pytest.mark.parametrize("which", ["export", "checkpoints/last.ckpt"])
 def test_autoencoder_psnr_ssim_lpips_rfid(runs: dict[str, Path], tmp_path: Path, vgg_file: Path, which: str) -> None:
-    record = evaluate_run(evaluate_cfg(runs, tmp_path, f"ckpt={runs['ae'] / which}", "resolution=32",
-                                       f"lpips_weights={vgg_file}", "num_samples=12"))
-    assert record["stage"] == "autoencoder"
+    record = evaluate_run(evaluate_cfg(runs, tmp_path, f"ckpt={runs['ae'] / which}", f"lpips_weights={vgg_file}",
+                                       "num_samples=12"))
+    assert record["stage"] == "autoencoder" and record["resolution"] == 32  # the training resolution, recorded
     scores = record["results"][0]
     assert set(scores) == {"psnr", "ssim", "lpips", "rfid"}
     assert 5 < scores["psnr"] < 60 and -1 < scores["ssim"] <= 1 and scores["lpips"] >= 0 and scores["rfid"] >= 0
 
 
-def test_autoencoder_without_resolution_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_autoencoder_export_of_an_old_card_without_resolution_is_refused(runs: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    export = Path(shutil.copytree(runs["ae"] / "export", tmp_path / "export"))
+    card = json.loads((export / "autoencoder.json").read_text())
+    assert card.pop("resolution") == 32
+    (export / "autoencoder.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="resolution= is required for a stage-1 checkpoint"):
-        evaluate_run(evaluate_cfg(runs, tmp_path, f"ckpt={runs['ae'] / 'export'}"))
+        evaluate_run(evaluate_cfg(runs, tmp_path, f"ckpt={export}"))
+
+
+# ------------------------------------------------------------------ preset=offline, both stages
+
+
+def _no_weights_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in _env().items() if k not in ("LDM_INCEPTION_WEIGHTS", "LDM_VGG16_WEIGHTS", "HF_HUB_CACHE")}
+    return {**env, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+
+
+def _reject_nan(constant: str) -> None:
+    raise ValueError(f"{constant} in the json")
+
+
+@pytest.mark.parametrize("which", ["ae/export", "ckpt"])
+def test_preset_offline_evaluates_either_stage_without_any_weights(runs: dict[str, Path], tmp_path: Path,
+                                                                   which: str) -> None:
+    ckpt = runs["ae"] / "export" if which == "ae/export" else runs["ckpt"]
+    args = [f"ckpt={ckpt}", f"shards={runs['val']}", "preset=offline", "num_samples=8", "steps=2", "batch_size=4",
+            "kid_subsets=5", "device=cpu", "wandb.enabled=false", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
+                          text=True, env=_no_weights_env(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_reject_nan)  # strict JSON
+    scores = record["results"][0]
+    if which == "ae/export":  # no resolution= either: the card records it
+        assert record["resolution"] == 32 and set(scores) == {"psnr", "ssim", "rfid"}
+    else:  # kid_subset_size=null with 8 samples: every subset is the whole set, so no std
+        assert set(scores) == {"guidance", "fid", "kid_mean", "kid_std", "clip_score"}
+        assert scores["kid_std"] is None and scores["kid_mean"] is not None
+        assert "kid_std is reported as NaN (null in the json)" in proc.stdout + proc.stderr

@@ -60,5 +60,6 @@ class LatentStatsExport(L.Callback):
         out = Path(trainer.default_root_dir)
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
-            target = export_autoencoder(ae, self.export_dir or out / "export", global_step=trainer.global_step)
+            target = export_autoencoder(ae, self.export_dir or out / "export", global_step=trainer.global_step,
+                                        resolution=getattr(dm, "resolution", None))
             log.info(f"Exported the autoencoder for stage 2 to {target}")

@@ -5,6 +5,8 @@ Under torchrun every rank samples its share of the validation captions."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +14,7 @@ from typing import Any, Literal
 import hydra
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.cli.train import CONF_DIR
@@ -27,13 +30,15 @@ from ldm.evaluation.runner import (
     validation_batches,
 )
 from ldm.inference.loading import EXPORT_CARD, load_pipeline
-from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder
+from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder, trained_resolution
+from ldm.utils.hub_weights import WeightsUnavailable
 from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
 
 log = get_logger(__name__)
 Stage = Literal["autoencoder", "diffusion"]
 SAMPLING = ("sampler", "steps", "spacing", "guidance_rescale", "precision")
+SCORERS = {"features": ("fid", "kid", "rfid"), "clip": ("clip_score",), "lpips": ("lpips",)}  # model -> metrics
 
 
 def checkpoint_stage(path: str | Path) -> Stage:
@@ -61,6 +66,16 @@ def _list(value: Any) -> list[Any]:
     return list(OmegaConf.to_object(value)) if isinstance(value, ListConfig) else [value]
 
 
+def select_metrics(cfg: DictConfig, stage: Stage) -> list[str]:
+    """`metrics=`, or when null the stage's metrics less `skip_metrics`."""
+    allowed = GENERATION_METRICS if stage == "diffusion" else RECONSTRUCTION_METRICS
+    skip = set(cfg.skip_metrics or ())
+    if skip - {*GENERATION_METRICS, *RECONSTRUCTION_METRICS}:
+        raise ValueError(f"skip_metrics={sorted(skip)} may only name {[*GENERATION_METRICS, *RECONSTRUCTION_METRICS]}")
+    chosen = _list(cfg.metrics) if cfg.metrics is not None else [m for m in allowed if m not in skip]
+    return check_metrics(chosen, allowed, stage)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt`; returns the record written to `cfg.out` (on rank 0)."""
     created_group = not (dist.is_available() and dist.is_initialized())
@@ -76,20 +91,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     rank, world = rank_and_world()
     stage = checkpoint_stage(cfg.ckpt)
-    allowed = GENERATION_METRICS if stage == "diffusion" else RECONSTRUCTION_METRICS
-    metrics = check_metrics(_list(cfg.metrics) if cfg.metrics is not None else allowed, allowed, stage)
-    if stage == "autoencoder" and not cfg.resolution:
-        raise ValueError("resolution= is required for a stage-1 checkpoint: the size validation images are "
-                         "centre-cropped to (the autoencoder's training resolution).")
+    metrics = select_metrics(cfg, stage)
+    resolution = cfg.resolution or (trained_resolution(cfg.ckpt) if stage == "autoencoder" else None)
+    if stage == "autoencoder" and not resolution:
+        raise ValueError("resolution= is required for a stage-1 checkpoint that does not record its training "
+                         f"resolution (an export whose {CARD} predates the field, or a .ckpt without the data "
+                         "module's hyperparameters): the size validation images are centre-cropped to (the "
+                         "autoencoder's training resolution).")
     # Start-up: every weight file the metrics need, before a checkpoint is loaded or an image generated.
-    features = (hydra.utils.instantiate(cfg.features).to(device)
-                if {"fid", "kid", "rfid"} & set(metrics) else None)
-    clip_score = hydra.utils.instantiate(cfg.clip).to(device) if "clip_score" in metrics else None
-    lpips = None
-    if "lpips" in metrics:
-        from ldm.models.autoencoder.lpips import LPIPS
-
-        lpips = LPIPS(vgg_weights=cfg.lpips_weights, config_key="lpips_weights").to(device)
+    scorers = build_scorers(cfg, metrics, device)
+    features, clip_score, lpips = scorers["features"], scorers["clip"], scorers["lpips"]
 
     start = time.time()
     record: dict[str, Any] = {"ckpt": str(Path(cfg.ckpt).resolve()), "stage": stage, "metrics": metrics,
@@ -99,12 +110,13 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score)
     else:
         autoencoder = load_autoencoder(cfg.ckpt).eval().requires_grad_(False).to(device)
-        batches = validation_batches(cfg.shards, num_samples=cfg.num_samples, resolution=cfg.resolution,
+        batches = validation_batches(cfg.shards, num_samples=cfg.num_samples, resolution=resolution,
                                      batch_size=cfg.batch_size)
-        scores = reconstruction_metrics(autoencoder, batches, num_samples=cfg.num_samples, resolution=cfg.resolution,
+        scores = reconstruction_metrics(autoencoder, batches, num_samples=cfg.num_samples, resolution=resolution,
                                         metrics=metrics, features=features, lpips=lpips)
-        record |= {"resolution": cfg.resolution, "results": [scores]}
+        record |= {"resolution": resolution, "results": [scores]}
     record["seconds"] = round(time.time() - start, 1)
+    record = _nan_to_null(record)  # JSON has no NaN: an undefined number (kid_std from one subset) is null
     if rank == 0:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +125,65 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         if cfg.wandb.enabled:
             _log_wandb(cfg, record, out.parent)
     return record
+
+
+def build_scorers(cfg: DictConfig, metrics: list[str], device: torch.device) -> dict[str, Any]:
+    """The feature extractor, CLIP model and LPIPS that `metrics` need (None where none needs it), built before any
+    data is read. Weights that are neither a local file, nor cached, nor downloadable are collected over all three
+    and reported in one error, each with the config key (and environment variable) that takes a local file."""
+    scorers: dict[str, Any] = {}
+    missing: list[tuple[list[str], WeightsUnavailable]] = []
+    for name, users in SCORERS.items():
+        users = [m for m in users if m in metrics]
+        scorers[name] = None
+        if not users:
+            continue
+        try:
+            scorers[name] = _build_scorer(cfg, name).to(device)
+        except (WeightsUnavailable, InstantiationException) as error:
+            cause = error.__cause__ if isinstance(error, InstantiationException) else error
+            if not isinstance(cause, WeightsUnavailable):
+                raise
+            missing.append((users, cause))
+    if missing:
+        items = "\n".join(f"  {i}. {', '.join(users)} (local file: {' or '.join(_sources(cfg, error.keys))}): {error}"
+                          for i, (users, error) in enumerate(missing, 1))
+        raise WeightsUnavailable(f"{len(missing)} of the weights the chosen metrics need can be neither found nor "
+                                 f"downloaded (checked before reading any data):\n{items}\nFor a smoke run "
+                                 "without any weights: preset=offline (random features, a tiny random CLIP, no "
+                                 "LPIPS); or leave those metrics out with metrics=[...].",
+                                 [key for _, error in missing for key in error.keys])
+    return scorers
+
+
+def _build_scorer(cfg: DictConfig, name: str) -> Any:
+    if name == "lpips":
+        from ldm.models.autoencoder.lpips import LPIPS
+
+        return LPIPS(vgg_weights=cfg.lpips_weights, config_key="lpips_weights")
+    return hydra.utils.instantiate(cfg[name])
+
+
+def _sources(cfg: DictConfig, keys: list[str]) -> list[str]:
+    """`key=`, plus `ENV_VAR=` when the config reads the key from an environment variable (`${oc.env:...}`)."""
+    out = []
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raw = OmegaConf.to_container(node, resolve=False).get(leaf) if isinstance(node, DictConfig) else None
+        env = re.match(r"\$\{oc\.env:(\w+)", raw) if isinstance(raw, str) else None
+        out.append(f"{key}=" + (f" or {env[1]}=" if env else ""))
+    return out
+
+
+def _nan_to_null(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return value
 
 
 def _evaluate_pipeline(cfg: DictConfig, device: torch.device, metrics: list[str], features: Any,
@@ -153,11 +224,11 @@ def _log_wandb(cfg: DictConfig, record: dict[str, Any], out_dir: Path) -> None:
     try:
         rows = record["results"]
         for step, row in enumerate(rows):
-            run.log({f"eval/{k}": v for k, v in row.items()}, step=step)
+            run.log({f"eval/{k}": v for k, v in row.items() if v is not None}, step=step)
         if len(rows) > 1:
             table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
             run.log({"eval/guidance_curve": table}, step=len(rows) - 1)
-        run.summary.update({f"eval/{k}": v for k, v in rows[-1].items()})
+        run.summary.update({f"eval/{k}": v for k, v in rows[-1].items() if v is not None})
     finally:
         run.finish()
 

@@ -17,6 +17,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image.fid import _compute_fid
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
 MIN_SAMPLES = 2  # an unbiased covariance (FID) and the unbiased MMD estimate (KID) need two samples per set
 KID_SUBSET_SIZE = 1000  # Binkowski et al.'s default; shrunk to the set sizes when not given explicitly
 
@@ -105,15 +108,20 @@ def kernel_distance(real: Tensor, fake: Tensor, *, subset_size: int | None = Non
     random subsets of `subset_size` features of each set (torchmetrics), reproducible for a given `seed`.
 
     Args:
-        subset_size: None: min(1000, both set sizes); an explicit value larger than a set is refused.
+        subset_size: None: min(1000, both set sizes); an explicit value larger than a set is refused. When it
+            equals the smaller set, every subset of that set is the whole set and the subsets' spread no longer
+            measures the estimate's uncertainty: the std is then NaN (null in the json), with a warning.
     """
     n_real, n_fake = len(real), len(fake)
     for n, what in ((n_real, "real images"), (n_fake, "generated images")):
         check_samples(n, "KID", what)
+    smaller = min(n_real, n_fake)
+    setting = f"kid_subset_size={subset_size}"
     if subset_size is None:
-        subset_size = min(KID_SUBSET_SIZE, n_real, n_fake)
-    elif not MIN_SAMPLES <= subset_size <= min(n_real, n_fake):
-        raise ValueError(f"kid_subset_size={subset_size} must be in [{MIN_SAMPLES}, {min(n_real, n_fake)}] "
+        subset_size = min(KID_SUBSET_SIZE, smaller)
+        setting = f"kid_subset_size=null (min({KID_SUBSET_SIZE}, num_samples) = {subset_size})"
+    elif not MIN_SAMPLES <= subset_size <= smaller:
+        raise ValueError(f"kid_subset_size={subset_size} must be in [{MIN_SAMPLES}, {smaller}] "
                          f"(the smaller of {n_real} real and {n_fake} generated samples): lower it, or raise "
                          "num_samples.")
     with warnings.catch_warnings():  # "will save all extracted features": they are ours already
@@ -125,6 +133,14 @@ def kernel_distance(real: Tensor, fake: Tensor, *, subset_size: int | None = Non
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
         torch.manual_seed(seed)
         mean, std = metric.compute()
+    if subset_size == smaller:  # every subset of the smaller set is that set: the spread measures no uncertainty
+        log.warning(f"KID: {setting} equals the smaller of {n_real} real and {n_fake} generated samples "
+                    "(num_samples), so every KID subset of that set is the whole set and the spread over subsets "
+                    "(kid_std) says nothing about the uncertainty of kid_mean: kid_std is reported as NaN (null in "
+                    f"the json). For a meaningful std set kid_subset_size={max(MIN_SAMPLES, smaller // 2)} (at most "
+                    "half of num_samples), or raise num_samples above kid_subset_size (above "
+                    f"{KID_SUBSET_SIZE} with kid_subset_size=null).")
+        return float(mean), float("nan")
     return float(mean), float(std)
 
 

@@ -7,12 +7,26 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 OFFLINE_ENV = ("LDM_OFFLINE", "HF_HUB_OFFLINE", "TORCH_HUB_OFFLINE")
 PROBE_TIMEOUT_S = 2.0
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights that are neither a local file, nor cached, nor downloadable now; `keys` are the config keys that
+    take a local file instead. `scripts/evaluate.py` collects these from every model it builds into one error."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+class WeightsFileNotFound(WeightsUnavailable, FileNotFoundError):
+    """A local weights file that a config key points at does not exist."""
 
 
 def offline_flag() -> str | None:
@@ -51,7 +65,7 @@ def torch_hub_file(url: str, path: str | None, *, key: str, what: str, needed: s
     """
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found at {path!r} (set by {key}). {how_to_get}")
+            raise WeightsFileNotFound(f"{what} not found at {path!r} (set by {key}). {how_to_get}", [key])
         return Path(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if cached.is_file():
@@ -60,6 +74,6 @@ def torch_hub_file(url: str, path: str | None, *, key: str, what: str, needed: s
     flag = offline_flag()
     if flag or not hub_reachable(host, 443, timeout=timeout):
         reason = f"{flag} is set" if flag else f"{host} is unreachable"
-        raise RuntimeError(f"{needed}, which are not cached at {cached} and cannot be downloaded ({reason}). "
-                           f"Set {key}=/path/to/{local_name or Path(url).name}. {how_to_get}")
+        raise WeightsUnavailable(f"{needed}, which are not cached at {cached} and cannot be downloaded ({reason}). "
+                                 f"Set {key}=/path/to/{local_name or Path(url).name}. {how_to_get}", [key])
     return None

@@ -1,7 +1,8 @@
 """Export a trained autoencoder alone (safetensors + a json card) and load it back for stage 2.
 
-The card carries the architecture, the downsampling factor f, the latent channels c and the latent
-statistics, so stage 2 never takes a latent scale from a config constant.
+The card carries the architecture, the downsampling factor f, the latent channels c, the latent
+statistics and the training resolution, so stage 2 never takes a latent scale from a config constant and
+`scripts/evaluate.py` needs no `resolution=`.
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ def card(autoencoder: AutoencoderKL, **extra: Any) -> dict[str, Any]:
     }
 
 
-def export_autoencoder(autoencoder: AutoencoderKL, out_dir: str | Path, **extra: Any) -> Path:
-    """Write `autoencoder.safetensors` and `autoencoder.json` into `out_dir`; returns the directory."""
+def export_autoencoder(autoencoder: AutoencoderKL, out_dir: str | Path, *, resolution: int | None = None,
+                       **extra: Any) -> Path:
+    """Write `autoencoder.safetensors` and `autoencoder.json` into `out_dir`; returns the directory.
+
+    Args:
+        resolution: the side of the images it was trained on, recorded in the card (null when unknown).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
-    (out / CARD).write_text(json.dumps(card(autoencoder, **extra), indent=2))
+    (out / CARD).write_text(json.dumps(card(autoencoder, resolution=resolution, **extra), indent=2))
     return out
 
 
@@ -78,3 +84,16 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     model = AutoencoderKL(**meta["architecture"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     return model
+
+
+def trained_resolution(path: str | Path) -> int | None:
+    """The image side a stage-1 export or `.ckpt` was trained at: the card's `resolution`, or the data module's in
+    the checkpoint; None when it was not recorded (cards written before the field existed)."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        resolution = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
+    else:
+        card_path = (path if path.is_dir() else path.parent) / CARD
+        resolution = json.loads(card_path.read_text()).get("resolution") if card_path.is_file() else None
+    return int(resolution) if resolution else None

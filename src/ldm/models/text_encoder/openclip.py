@@ -20,7 +20,7 @@ from open_clip.model import _build_text_tower  # builds the text tower alone: no
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
-from ldm.utils.hub_weights import PROBE_TIMEOUT_S, hub_reachable
+from ldm.utils.hub_weights import PROBE_TIMEOUT_S, WeightsFileNotFound, WeightsUnavailable, hub_reachable
 
 Layer = Literal["last", "penultimate"]
 
@@ -281,10 +281,11 @@ def resolve_pretrained(model_name: str, pretrained: str | None, *, key: str = PR
         return cached
     host, port = _download_host(cfg)
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("LDM_OFFLINE"):
-        raise RuntimeError(_offline_message(model_name, pretrained, cfg, "HF_HUB_OFFLINE/LDM_OFFLINE is set", key))
+        raise WeightsUnavailable(_offline_message(model_name, pretrained, cfg, "HF_HUB_OFFLINE/LDM_OFFLINE is set",
+                                                  key), [key])
     if not hub_reachable(host, port):
         reason = f"{host}:{port} is unreachable (no connection within {PROBE_TIMEOUT_S:.0f} s)"
-        raise RuntimeError(_offline_message(model_name, pretrained, cfg, reason, key))
+        raise WeightsUnavailable(_offline_message(model_name, pretrained, cfg, reason, key), [key])
     return open_clip.download_pretrained(cfg)
 
 
@@ -394,7 +395,7 @@ def _offline_message(model_name: str, tag: str, cfg: dict, reason: str, key: str
 
 def _unknown_pretrained(model_name: str, pretrained: str, key: str = PRETRAINED_KEY) -> Exception:
     if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
-        return FileNotFoundError(f"{key}={pretrained}: no such file")
+        return WeightsFileNotFound(f"{key}={pretrained}: no such file", [key])
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     valid = ", ".join(tags) if tags else f"none ({model_name} has no published weights)"
     return ValueError(
