@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,10 +15,13 @@ import torch
 from ldm.callbacks.latent_stats import measure_latents
 from ldm.data.webdataset import ShardLoader
 from ldm.models.autoencoder.export import export_autoencoder, load_autoencoder, trained_resolution
+from ldm.utils.argv import KEY_VALUE_EPILOG, parse_args
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=KEY_VALUE_EPILOG.format(example="ckpt=PATH shards=DIR resolution=256 "
+                                                                            "batch_size=32"))
     parser.add_argument("--ckpt", required=True, help="stage-1 .ckpt, or an export folder to re-measure")
     parser.add_argument("--shards", required=True, help="shards to measure on (folder, brace pattern, URL)")
     parser.add_argument("--resolution", type=int, required=True)
@@ -28,8 +32,11 @@ def main() -> None:
                         help="measure posterior samples (SD's convention) or posterior means")
     parser.add_argument("--out", type=Path, default=None, help="default: <ckpt folder>/../export")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(build_parser(), argv)
     autoencoder = load_autoencoder(args.ckpt).to(args.device)
     loader = ShardLoader(args.shards, batch_size=args.batch_size, resolution=args.resolution,
                          num_workers=args.num_workers, mode="epoch", crop="center", flip=False)

@@ -10,7 +10,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ldm.cli.train import CONF_DIR
+from ldm.conf import CONF_DIR
 from ldm.data.latent_cache import cache_latents
 from ldm.models.autoencoder.export import load_autoencoder
 from ldm.utils.device import resolve_device

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.cli.train import CONF_DIR
+from ldm.conf import CONF_DIR
 from ldm.evaluation.distributed import init_from_env, rank_and_world
 from ldm.evaluation.runner import (
     GENERATION_METRICS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,16 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.cli.train import CONF_DIR
+from ldm.conf import CONF_DIR
 from ldm.inference.loading import load_pipeline
 from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.utils.argv import quote_text_overrides
 from ldm.utils.device import resolve_device
 from ldm.utils.images import image_grid, to_uint8
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
+TEXT_KEYS = ("prompt", "negative_prompt")  # free text: quoted for Hydra before it parses the command line
 SETTINGS = ("negative_prompt", "sampler", "steps", "spacing", "guidance", "guidance_rescale", "precision")
 
 
@@ -133,8 +136,15 @@ def _record(cfg: DictConfig, pipeline: LatentDiffusionPipeline, prompt: str, see
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """`prompt=a circle, on blue` reaches the config verbatim: the shell has dropped the user's quotes, so
+    `prompt=`/`negative_prompt=` values are quoted for Hydra's grammar first (lists `[a,b]` are kept)."""
+    sys.argv[1:] = quote_text_overrides(sys.argv[1:], TEXT_KEYS)
+    _main()
 
 
 if __name__ == "__main__":

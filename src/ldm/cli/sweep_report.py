@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from ldm.utils.argv import KEY_VALUE_EPILOG, parse_args
+
 log = logging.getLogger(__name__)
 
 History = dict[str, list[tuple[int, float]]]  # metric -> [(global step, value)] in logging order
@@ -424,9 +426,11 @@ def report(root: str | Path, *, metrics: Sequence[str] = DEFAULT_METRICS, sort: 
     return markdown if fmt == "markdown" else table_csv
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Compare the jobs of a sweep: a table of final metrics and x0-MSE "
-                                                 "per log-SNR bin, and a figure.")
+                                                 "per log-SNR bin, and a figure.",
+                                     epilog=KEY_VALUE_EPILOG.format(example="dir=DIR sort=val/loss descending=true"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", metavar="DIR", help="a multirun folder, one run folder, or a folder holding several multiruns")
     parser.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=list(DEFAULT_METRICS),
                         help="columns, comma-separated metric names or fnmatch patterns: val/loss,'eval/fid*' "
@@ -439,7 +443,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--evaluation", action="append", default=[], metavar="JSON",
                         help="a scripts/evaluate.py json written outside the job folders, matched to its job by "
                              "checkpoint (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="[sweep_report] %(message)s")
     try:
         table = report(args.dir, metrics=args.metrics, sort=args.sort, descending=args.descending,

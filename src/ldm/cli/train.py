@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.conf import CONF_DIR
 from ldm.utils.checkpoint import resolve_ckpt_path
 from ldm.utils.hydra_ddp import end_distributed_job, pin_sweep_job_for_ddp, run_id
 from ldm.utils.logging import get_logger
@@ -27,7 +28,6 @@ log = get_logger(__name__)
 # (their global_step counts applied steps), and the pytree notice is internal to Lightning.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 OmegaConf.register_new_resolver("ldm.run_id", run_id, use_cache=True, replace=True)  # conf/hydra/default.yaml
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.loggers import Logger, WandbLogger
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -25,6 +28,8 @@ def image_grid(images: Tensor, nrow: int = 8) -> Image.Image:
 def log_image_grid(loggers: list[Logger], key: str, grid: Image.Image, step: int,
                    fallback_dir: str | Path | None = None, caption: str | None = None) -> None:
     """Log to W&B when present; always also write a PNG under `fallback_dir` so runs without W&B keep images."""
+    from lightning.pytorch.loggers import WandbLogger  # here: sample.py uses this module without Lightning
+
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[grid], step=step, caption=[caption] if caption else None)

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+# The function object Lightning itself uses and whose `.rank` its Trainer sets; imported from lightning_utilities
+# so that commands without a Trainer (sample.py) need not import Lightning. Until a Trainer sets the rank, take it
+# from the launcher's environment, as `lightning.fabric.utilities.rank_zero` does on import.
+from lightning_utilities.core.rank_zero import rank_zero_only
+
+_RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+if getattr(rank_zero_only, "rank", None) is None:
+    rank_zero_only.rank = next((int(os.environ[k]) for k in _RANK_VARS if k in os.environ), 0)
 
 
 def get_logger(name: str) -> logging.Logger:
