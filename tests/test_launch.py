@@ -44,3 +44,39 @@ def test_sbatch_recipe_is_valid_bash_and_resumes_itself() -> None:
     for needle in ("#SBATCH --signal=USR1@90", "#SBATCH --requeue", "srun", "trainer=ddp", "ckpt_path=auto",
                    'trainer.num_nodes="${SLURM_JOB_NUM_NODES}"'):
         assert needle in text, needle
+
+
+def test_a_sweep_job_is_labelled_by_the_overrides_its_sweep_varies(tmp_path: Path) -> None:
+    """The W&B name and group of a multirun job (conf/logger/wandb.yaml), from the sweep's multirun.yaml."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from ldm.utils.sweep import job_label, sweep_keys, sweep_name
+
+    assert sweep_keys(["a=1", "b=1,2", "c=range(3)", "+d=choice(x,y)", "e=[1,2]"], {"f/g": "p,q"}) == {"b", "c", "d",
+                                                                                                         "f/g"}
+    assert job_label("ldm_tiny") == "ldm_tiny" and sweep_name("ldm_tiny") == "ldm_tiny"  # not a multirun
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00"
+    task = ["experiment=ldm_tiny", "seed=3", "diffusion/schedule=cosine", "model.optimizer.lr=1e-4",
+            "hydra.sweep.dir=x", "print_config=false"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=task[:4], return_hydra_config=True)
+    (sweep / "1").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": {
+        "overrides": {"task": ["experiment=ldm_tiny", "seed=1,2,3", "diffusion/schedule=linear,cosine",
+                               "hydra.sweep.dir=x", "print_config=false"]},
+        "sweeper": {"params": {"model.optimizer.lr": "1e-3,1e-4"}}}}), sweep / "multirun.yaml")
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.runtime.output_dir = str(sweep / "1")
+        cfg.hydra.overrides.task = task
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert job_label("ldm_tiny") == "seed=3 diffusion/schedule=cosine model.optimizer.lr=1e-4"
+        assert sweep_name("ldm_tiny") == "ldm_tiny/2026-01-01_00-00-00"
+        (sweep / "multirun.yaml").unlink()  # not found: the task name rather than a guess
+        assert job_label("ldm_tiny") == "ldm_tiny"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -82,7 +82,7 @@ def test_sort_metric_direction_and_columns(sweep: Path, tmp_path: Path) -> None:
 def test_csv_format_is_printed_with_full_precision(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["--metrics", "val/loss,val/nothing*", str(sweep), "--format", "csv"])
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "config,job,step,val/loss"
+    assert out.splitlines()[0] == "config,group,job,step,val/loss"
     assert out.splitlines()[1].startswith("diffusion/schedule=cosine,") and out.splitlines()[1].endswith(",0.12")
 
 
@@ -109,6 +109,32 @@ def test_a_parent_folder_of_two_sweeps_and_a_single_run(sweep: Path, tmp_path: P
                                     "diffusion/schedule=sigmoid", "diffusion/schedule=linear"]
     single = table_rows(report(sweep / "1"))[1:]  # one run folder: labelled by all of its overrides
     assert single[0][0] == "experiment=ldm_tiny logger=csv diffusion/schedule=cosine"
+
+
+def test_stages_and_experiments_get_a_table_each(tmp_path: Path) -> None:
+    """A quickstart folder: the autoencoder run and the LDM run are not compared with each other."""
+    ae = write_job(tmp_path / "autoencoder", ["experiment=autoencoder_tiny"], [0.5, 0.3], 0.2, ())
+    (ae / "config_resolved.yaml").write_text(
+        "task_name: autoencoder_tiny\nmodel:\n  _target_: ldm.lightning.autoencoder_module.AutoencoderModule\n")
+    for i, schedule in enumerate(("linear", "cosine")):
+        job = write_job(tmp_path / "ldm" / str(i), [*COMMON, f"diffusion/schedule={schedule}"], [1.0, 0.5 + i], 0.3 + 0.1 * i,
+                        (0.9, 0.2, 0.01))
+        (job / "config_resolved.yaml").write_text(
+            "task_name: ldm_tiny\nmodel:\n  _target_: ldm.lightning.diffusion_module.DiffusionModule\n")
+    markdown = report(tmp_path)
+    assert "3 runs in" in markdown and "2 experiments/stages, one table each" in markdown
+    sections = markdown.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "autoencoder_tiny (stage 1)  (figure: sweep_report_autoencoder_tiny_stage_1.png)",
+        "ldm_tiny (stage 2)  (figure: sweep_report_ldm_tiny_stage_2.png)"]
+    (ae_head, ae_row), (ldm_head, *ldm_rows) = table_rows(sections[0]), table_rows(sections[1])
+    assert ae_head == ["config", "step", "train/loss", "val/loss"] and ae_row[0] == "experiment=autoencoder_tiny"
+    assert [r[0] for r in ldm_rows] == ["diffusion/schedule=linear", "diffusion/schedule=cosine"]  # labelled within
+    assert ldm_head[-1] == "x0@+8"
+    assert (tmp_path / "sweep_report_autoencoder_tiny_stage_1.png").is_file()
+    assert (tmp_path / "sweep_report_ldm_tiny_stage_2.png").is_file()
+    with open(tmp_path / "sweep_report.csv") as f:
+        assert [r["group"] for r in csv.DictReader(f)] == ["autoencoder_tiny (stage 1)", *["ldm_tiny (stage 2)"] * 2]
 
 
 def test_bad_folders_say_what_was_expected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +225,9 @@ def test_an_evaluate_json_elsewhere_is_matched_by_its_checkpoint(sweep: Path, tm
 
 @pytest.mark.slow
 def test_a_real_noise_schedule_sweep(tmp_path: Path, shapes_root: Path) -> None:
-    """`train.py -m ... diffusion/schedule=linear,cosine` (6 steps each), then the script on its folder."""
+    """`train.py -m ... diffusion/schedule=linear,cosine` (6 steps each) with the default W&B logger and with
+    `logger=csv`: each W&B job is a run of its own, named by its schedule and grouped by sweep, and the script
+    reports from the W&B runs exactly the numbers the csv logs hold."""
     import torch
 
     from ldm.models.autoencoder.export import export_autoencoder
@@ -209,20 +237,35 @@ def test_a_real_noise_schedule_sweep(tmp_path: Path, shapes_root: Path) -> None:
                                 mid_attention=False, norm_groups=4)
     autoencoder.set_latent_stats(0.5, torch.zeros(4), torch.ones(4))
     export = export_autoencoder(autoencoder, tmp_path / "ae_export")
-    sweep = tmp_path / "sweep"
-    run_train("-m", "experiment=ldm_tiny", f"model.autoencoder.path={export}", f"data.root={shapes_root}",
-              "data.num_train=256", "data.num_val=64", "data.shard_size=32", "data.batch_size=16",
-              "data.num_workers=0", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-              "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=2", "num_threads=1", "logger=csv",
-              "~callbacks.sample_images", "diffusion/schedule=linear,cosine", f"hydra.sweep.dir={sweep}",
-              f"paths.log_dir={tmp_path}")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
-                          capture_output=True, text=True, check=True, timeout=120)
-    print(proc.stdout)
-    head, *rows = table_rows(proc.stdout)
-    assert sorted(r[0] for r in rows) == ["diffusion/schedule=cosine", "diffusion/schedule=linear"]
-    assert head[:4] == ["config", "step", "train/loss", "val/loss"]
-    assert head[4:] == ["x0@-8", "x0@-4", "x0@-2", "x0@+0", "x0@+2", "x0@+4", "x0@+8"]
-    assert all(int(r[1]) >= 5 and all(float(c) > 0 for c in r[2:]) for r in rows)  # every cell filled
-    assert [float(r[3]) for r in rows] == sorted(float(r[3]) for r in rows)  # by val/loss
-    assert (sweep / "sweep_report.png").is_file() and (sweep / "sweep_report.md").read_text() == proc.stdout
+    tables = {}
+    for logger in ("csv", "wandb"):
+        sweep = tmp_path / f"sweep_{logger}"
+        run_train("-m", "experiment=ldm_tiny", f"model.autoencoder.path={export}", f"data.root={shapes_root}",
+                  "data.num_train=256", "data.num_val=64", "data.shard_size=32", "data.batch_size=16",
+                  "data.num_workers=0", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                  "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=2",
+                  "num_threads=1", f"logger={logger}", "~callbacks.sample_images", "diffusion/schedule=linear,cosine",
+                  f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path}")
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
+                              capture_output=True, text=True, check=True, timeout=120)
+        print(proc.stdout)
+        head, *rows = table_rows(proc.stdout)
+        assert sorted(r[0] for r in rows) == ["diffusion/schedule=cosine", "diffusion/schedule=linear"]
+        assert head[:5] == ["config", "step", "train/loss", "val/loss", "x0@-8"] and head[-1] == "x0@+8"
+        assert all(int(r[1]) >= 5 and all(float(c) > 0 for c in r[2:]) for r in rows)  # every cell filled
+        assert [float(r[3]) for r in rows] == sorted(float(r[3]) for r in rows)  # by val/loss
+        assert (sweep / "sweep_report.png").is_file() and (sweep / "sweep_report.md").read_text() == proc.stdout
+        jobs, _ = collect(sweep)
+        assert all(job.sources[0] == logger for job in jobs)
+        tables[logger] = {r[0]: r[2:] for r in rows}
+    assert tables["wandb"] == tables["csv"]  # the W&B runs hold each job's own numbers
+    assert tables["wandb"]["diffusion/schedule=linear"] != tables["wandb"]["diffusion/schedule=cosine"]
+
+    runs = {}
+    for job in ("0", "1"):
+        pointer = json.loads((tmp_path / "sweep_wandb" / job / "wandb_run.json").read_text())
+        (run,) = (tmp_path / "sweep_wandb" / job / "wandb").glob("offline-run-*")
+        assert pointer["dir"] == str(run) and run.name.endswith(pointer["id"])
+        runs[pointer["name"]] = pointer
+    assert sorted(runs) == ["diffusion/schedule=cosine", "diffusion/schedule=linear"]
+    assert len({p["id"] for p in runs.values()}) == 2 and {p["group"] for p in runs.values()} == {"ldm_tiny/sweep_wandb"}

@@ -60,6 +60,27 @@ def test_wandb_offline_run_has_scalars_and_images(trained: Path) -> None:
     assert list(runs[0].glob("files/media/images/**/*.png"))
 
 
+def test_wandb_step_axis_never_goes_backwards_and_the_run_folder_names_its_run(trained: Path) -> None:
+    from ldm.cli.sweep_report import wandb_history
+
+    run = next((trained / "wandb").glob("offline-run-*"))
+    rows = wandb_history(next(run.glob("run-*.wandb")))
+    steps = [r["trainer/global_step"] for r in rows if "trainer/global_step" in r]
+    assert steps == sorted(steps) and steps[-1] >= 39, steps  # data/*, images and train/* share one axis
+    assert any("data/skipped_corrupt_image" in r for r in rows) and any("train/lr" in r for r in rows)
+    pointer = json.loads((trained / "wandb_run.json").read_text())
+    assert pointer["dir"] == str(run) and run.name.endswith(pointer["id"]) and pointer["offline"]
+    assert pointer["name"] == "autoencoder_tiny" and pointer["group"] == "autoencoder_tiny"  # not a sweep
+
+
+def test_hyperparameters_are_the_config_once(trained: Path) -> None:
+    import yaml
+
+    hparams = yaml.safe_load((trained / "csv" / "hparams.yaml").read_text())  # what every logger received
+    assert hparams["data"]["batch_size"] == 16 and "model" in hparams and "trainer" in hparams
+    assert not {"batch_size", "resolution", "train_shards", "num_workers"} & set(hparams)  # no datamodule copy
+
+
 def test_resume_continues_from_the_saved_step(trained: Path, tmp_path: Path, shapes_root: Path) -> None:
     import shutil
 

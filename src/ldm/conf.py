@@ -1,4 +1,5 @@
-"""Where the Hydra config tree lives, and the resolvers its files use (`${ldm.run_id:}` in conf/hydra/default.yaml).
+"""Where the Hydra config tree lives, and the resolvers its files use (`${ldm.run_id:}` in conf/hydra/default.yaml,
+`${ldm.job_label:...}` and `${ldm.sweep_name:...}` in conf/logger/wandb.yaml).
 
 Light on purpose (no Lightning, no torch), so that every command line can import it and start quickly.
 """
@@ -10,6 +11,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ldm.utils.hydra_ddp import run_id
+from ldm.utils.sweep import job_label, sweep_name
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 OmegaConf.register_new_resolver("ldm.run_id", run_id, use_cache=True, replace=True)
+# conf/logger/wandb.yaml: a multirun job's W&B run name and group
+OmegaConf.register_new_resolver("ldm.job_label", job_label, replace=True)
+OmegaConf.register_new_resolver("ldm.sweep_name", sweep_name, replace=True)

@@ -9,7 +9,7 @@ import lightning.pytorch as L
 import torch
 
 from ldm.data.webdataset import SKIP_CAUSES
-from ldm.utils.logging import get_logger
+from ldm.utils.logging import get_logger, logger_step
 
 log = get_logger(__name__)
 
@@ -47,7 +47,7 @@ class DataHealth(L.Callback):
         summed = trainer.strategy.reduce(local, reduce_op="sum")
         totals = {c: int(v) for c, v in zip(causes, summed.tolist())}
         for logger in trainer.loggers if trainer.is_global_zero else []:
-            logger.log_metrics({f"data/skipped_{c}": v for c, v in totals.items()}, step=trainer.global_step)
+            logger.log_metrics({f"data/skipped_{c}": v for c, v in totals.items()}, step=logger_step(trainer))
         return totals
 
     def state_dict(self) -> dict[str, Any]:

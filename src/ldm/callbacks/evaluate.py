@@ -24,7 +24,7 @@ from ldm.evaluation.runner import (
     read_validation,
     reference_statistics,
 )
-from ldm.utils.logging import get_logger
+from ldm.utils.logging import get_logger, logger_step
 
 log = get_logger(__name__)
 
@@ -87,7 +87,7 @@ class EvaluateCallback(SamplingCallback):
                                         **self.options, **self.kid)
         logged = {f"eval/{k}": v for k, v in scores.items()}
         for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
+            logger.log_metrics(logged, step=logger_step(trainer))
         self._write(trainer, logged)
         return scores
 

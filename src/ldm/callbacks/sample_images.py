@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.callbacks.pipeline import SamplingCallback
 from ldm.utils.images import image_grid, log_image_grid
-from ldm.utils.logging import get_logger
+from ldm.utils.logging import get_logger, logger_step
 
 log = get_logger(__name__)
 
@@ -57,4 +57,4 @@ class SampleImages(SamplingCallback):
         grid = image_grid(images, nrow=self.images_per_prompt)
         out_dir = Path(trainer.default_root_dir) / "images" if trainer.default_root_dir else None
         log_image_grid(trainer.loggers, "samples", grid, trainer.global_step, fallback_dir=out_dir,
-                       caption=" | ".join(self.prompts))
+                       caption=" | ".join(self.prompts), log_step=logger_step(trainer))

@@ -43,6 +43,7 @@ class Job:
     final: dict[str, float] = field(default_factory=dict)  # last value of every metric
     sources: list[str] = field(default_factory=list)
     label: str = ""
+    group: str = ""  # what the job trains: its experiment and stage; jobs of different groups never share a table
 
     @property
     def step(self) -> int | None:
@@ -85,6 +86,21 @@ def find_jobs(root: Path) -> list[Path]:
 def _natural(path: Path) -> list[Any]:
     """Job folders 2/ before 10/."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+STAGES = {"AutoencoderModule": "stage 1", "DiffusionModule": "stage 2"}
+
+
+def read_group(job: Path, overrides: Sequence[str]) -> str:
+    """`ldm_tiny (stage 2)`: the job's experiment (or task name) and, when its resolved config says, its stage."""
+    experiment = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
+    config: dict[str, Any] = {}
+    if (job / "config_resolved.yaml").is_file():
+        config = yaml.safe_load((job / "config_resolved.yaml").read_text()) or {}
+    name = experiment or config.get("task_name") or ""
+    target = str((config.get("model") or {}).get("_target_", ""))
+    stage = STAGES.get(target.rsplit(".", 1)[-1], "")
+    return f"{name} ({stage})" if name and stage else name or stage
 
 
 def read_overrides(job: Path) -> list[str]:
@@ -220,6 +236,7 @@ def read_evaluation(path: Path) -> dict[str, float] | None:
 def read_job(path: Path, evaluations: Sequence[Path] = ()) -> Job:
     """Every metric a job left: csv/metrics.csv, then W&B runs, eval.jsonl and evaluate.py jsons in the folder."""
     job = Job(path, read_overrides(path))
+    job.group = read_group(path, job.overrides)
     if (path / "csv" / "metrics.csv").is_file():
         job.add("csv", read_csv_log(path / "csv" / "metrics.csv"))
     if (path / "wandb").is_dir():
@@ -283,16 +300,24 @@ def label_jobs(jobs: list[Job], root: Path) -> list[str]:
     return [o for o in jobs[0].overrides if o in common]
 
 
-def select_columns(jobs: Sequence[Job], patterns: Sequence[str]) -> list[str]:
+def select_columns(jobs: Sequence[Job], patterns: Sequence[str], warn: bool = True) -> list[str]:
     """Metric names matching `patterns` (fnmatch), in pattern order; log-SNR bins in increasing log-SNR."""
     names = sorted({k for j in jobs for k in j.final})
     columns: list[str] = []
     for pattern in patterns:
         matched = [n for n in names if fnmatch(n, pattern) and n not in columns]
-        if not matched:
+        if not matched and warn:
             log.warning(f"--metrics {pattern}: no job logged it (logged: {', '.join(names)})")
         columns += sorted(matched, key=lambda n: (0, logsnr(n), "") if logsnr(n) is not None else (1, 0.0, n))
     return columns
+
+
+def group_jobs(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """Jobs by what they train (`Job.group`), groups in order of their first job."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    return groups
 
 
 def sort_jobs(jobs: list[Job], key: str | None, descending: bool = False) -> list[Job]:
@@ -341,9 +366,9 @@ def format_markdown(jobs: Sequence[Job], columns: Sequence[str]) -> str:
 def format_csv(jobs: Sequence[Job], columns: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["config", "job", "step", *columns])
+    writer.writerow(["config", "group", "job", "step", *columns])
     for j in jobs:
-        writer.writerow([j.label, str(j.path), j.step if j.step is not None else "",
+        writer.writerow([j.label, j.group, str(j.path), j.step if j.step is not None else "",
                          *(repr(j.final[c]) if c in j.final else "" for c in columns)])
     return out.getvalue()
 
@@ -391,39 +416,63 @@ def plot(jobs: Sequence[Job], out: Path) -> Path:
 def report(root: str | Path, *, metrics: Sequence[str] = DEFAULT_METRICS, sort: str | None = None,
            descending: bool = False, fmt: str = "markdown", out: str | Path | None = None,
            evaluations: Sequence[str | Path] = ()) -> str:
-    """Read the sweep under `root`, write `<out>.png/.md/.csv` (default `<root>/sweep_report.*`); returns the table."""
+    """Read the sweep under `root`, write `<out>.png/.md/.csv` (default `<root>/sweep_report.*`); returns the table.
+
+    Jobs of different experiments or stages (a quickstart's autoencoder and LDM runs) get a table and a figure
+    each (`<out>_<group>.png`): their losses are not comparable.
+    """
     if fmt not in ("markdown", "csv"):
         raise ValueError(f"format must be markdown or csv, got {fmt!r}")
     root = Path(root)
     jobs, skipped = collect(root, evaluations)
-    common = label_jobs(jobs, root)
-    jobs = sort_jobs(jobs, sort, descending)
-    columns = select_columns(jobs, metrics)
-    bins = [c for c in columns if logsnr(c) is not None]
+    names = {k for j in jobs for k in j.final}
+    if sort is not None and sort not in names:
+        raise ValueError(f"--sort {sort}: no job logged it; logged metrics: {', '.join(sorted(names))}")
+    select_columns(jobs, metrics)  # warns about patterns that no job matched
+    groups = group_jobs(jobs)
+    out = Path(out) if out is not None else root / "sweep_report.png"
     lines = [f"Sweep report: {len(jobs)} run{'s' * (len(jobs) != 1)} in {root}"
-             + (f", {len(skipped)} skipped" if skipped else "")]
-    if common:
-        lines.append(f"Shared overrides: {' '.join(common)}")
-    lines += ["", format_markdown(jobs, columns)]
-    if bins:
+             + (f", {len(skipped)} skipped" if skipped else "")
+             + (f"; {len(groups)} experiments/stages, one table each" if len(groups) > 1 else "")]
+    rows: list[Job] = []
+    figures: list[tuple[list[Job], Path]] = []
+    any_bins = False
+    for name, members in groups.items():
+        common = label_jobs(members, root)
+        members = sort_jobs(members, sort if sort in {k for j in members for k in j.final} else None, descending)
+        columns = select_columns(members, metrics, warn=False)
+        any_bins |= any(logsnr(c) is not None for c in columns)
+        figure = out if len(groups) == 1 else out.with_name(f"{out.stem}_{_slug(name)}{out.suffix}")
+        if len(groups) > 1:
+            lines += ["", f"## {name or '(unnamed)'}  (figure: {figure.name})"]
+        if common:
+            lines.append(f"Shared overrides: {' '.join(common)}")
+        lines += ["", format_markdown(members, columns)]
+        rows += members
+        figures.append((members, figure))
+    if any_bins:
         lines += ["", "x0@λ: val/x0_mse_logsnr_λ, the x0-space MSE at log-SNR λ at the last validation "
                       "(the same bins for every schedule)."]
     if skipped:
         lines += ["", "Skipped (no metrics): " + ", ".join(str(p) for p in skipped)]
-    markdown, table_csv = "\n".join(lines) + "\n", format_csv(jobs, columns)
+    markdown, table_csv = "\n".join(lines) + "\n", format_csv(rows, select_columns(rows, metrics, warn=False))
 
-    out = Path(out) if out is not None else root / "sweep_report.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown)
     out.with_suffix(".csv").write_text(table_csv)
     try:
-        plot(jobs, out)
+        for members, figure in figures:
+            plot(members, figure)
     except ImportError:
         log.warning("matplotlib is not installed: no figure (pip install matplotlib); the table is written")
     for path in skipped:
         log.warning(f"skipped {path}: no csv/metrics.csv, W&B run or eval.jsonl with metrics")
-    log.info(f"Wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    log.info(f"Wrote {', '.join(str(f) for _, f in figures)}, {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
     return markdown if fmt == "markdown" else table_csv
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "unnamed"
 
 
 def build_parser() -> argparse.ArgumentParser:

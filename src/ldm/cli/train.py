@@ -5,6 +5,7 @@ The one place where configs become objects (`build`); everything it builds takes
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.conf import CONF_DIR
 from ldm.utils.checkpoint import resolve_ckpt_path
-from ldm.utils.hydra_ddp import end_distributed_job, pin_sweep_job_for_ddp, run_id
+from ldm.utils.hydra_ddp import end_distributed_job, pin_sweep_job_for_ddp
 from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
 
@@ -28,7 +29,18 @@ log = get_logger(__name__)
 # (their global_step counts applied steps), and the pytree notice is internal to Lightning.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-OmegaConf.register_new_resolver("ldm.run_id", run_id, use_cache=True, replace=True)  # conf/hydra/default.yaml
+# The frozen autoencoder and text encoder are in eval mode by design (no dropout, no norm-statistics updates).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisement for its hosted logger, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
 
 
 @dataclass
@@ -87,8 +99,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _output_dir(cfg), runs_root)
     if ckpt_path:
         log.info(f"Resuming from {ckpt_path}")
-    _save_resolved_config(cfg, built)
-    built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=ckpt_path)
+    try:
+        _save_resolved_config(cfg, built)
+        built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        for logger in built.loggers:  # fit finalizes them itself; this covers a failure before it started
+            logger.finalize("failed")
+        raise
     metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1}
     if built.trainer.is_global_zero:
         log.info(f"Outputs and checkpoints: {_output_dir(cfg)}")

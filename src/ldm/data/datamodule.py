@@ -3,10 +3,12 @@ across DDP ranks and DataLoader workers without needing torch.distributed."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
+from torch.utils.data import DataLoader
 
 from ldm.data.latent_cache import read_card
 from ldm.data.shards import expand_urls
@@ -28,6 +30,8 @@ class WebDataModule(L.LightningDataModule):
         metadata_filters: json thresholds, e.g. {"min_width": 256, "aesthetic": 5.0} (json[key] >= value).
         latents: the shards are a latent cache (scripts/cache_latents.py): batches carry "latent" instead of
             "image", and `cache_card` gives the cache's identity for stage 2 to check.
+        overfit_batches: debugging (`debug=overfit`): every epoch is the first N batches of epoch 0, held in
+            memory. Lightning's own `overfit_batches` cannot do this for a streaming loader, which reshuffles.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None, resolution: int,
@@ -36,9 +40,9 @@ class WebDataModule(L.LightningDataModule):
                  crop: Literal["center", "random"] = "random", flip: bool = True, min_side: int = 8,
                  max_pixels: int = DEFAULT_MAX_PIXELS, metadata_filters: dict[str, float] | None = None,
                  samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
-                 seed: int = 0, latents: bool = False):
+                 seed: int = 0, latents: bool = False, overfit_batches: int = 0):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in the checkpoint; loggers get them as data.* of the config
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
         self.mode, self.batches_per_epoch = mode, batches_per_epoch
@@ -47,6 +51,10 @@ class WebDataModule(L.LightningDataModule):
         self.metadata_filters = dict(metadata_filters) if metadata_filters else None
         self.samples_per_shard, self.shuffle_buffer, self.seed = samples_per_shard, shuffle_buffer, seed
         self.pin_memory, self.latents = pin_memory, latents
+        if overfit_batches < 0:
+            raise ValueError(f"overfit_batches must be >= 0 (0: off), got {overfit_batches}")
+        self.overfit_batches = overfit_batches
+        self._overfit: list[dict[str, Any]] | None = None
         self.train_loader: ShardLoader | None = None
         self._resume_position: tuple[int, int] | None = None
         self.val_loader: ShardLoader | None = None
@@ -89,10 +97,12 @@ class WebDataModule(L.LightningDataModule):
                            shuffle=False, shuffle_buffer=0, drop_last=world_size > 1, crop="center", flip=False,
                            **common)
 
-    def train_dataloader(self) -> ShardLoader:
+    def train_dataloader(self) -> ShardLoader | DataLoader:
         if self.train_loader is None:
             self.setup("fit")
         assert self.train_loader is not None
+        if self.overfit_batches:
+            return self._overfit_batches()
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # so len() is this epoch's when Lightning reloads loaders every epoch
             self.train_loader.set_epoch(trainer.current_epoch)
@@ -100,6 +110,18 @@ class WebDataModule(L.LightningDataModule):
             self.train_loader.resume_after(*self._resume_position)
             self._resume_position = None
         return self.train_loader
+
+    def _overfit_batches(self) -> DataLoader:
+        if self._overfit is None:
+            assert self.train_loader is not None
+            self.train_loader.set_epoch(0)
+            batches = list(itertools.islice(iter(self.train_loader), self.overfit_batches))
+            if len(batches) < self.overfit_batches:
+                raise ValueError(f"data.overfit_batches={self.overfit_batches}, but an epoch holds only "
+                                 f"{len(batches)} batches")
+            # skip counts belong to the stream, not to each replay of the batch
+            self._overfit = [{k: v for k, v in b.items() if k != "skips"} for b in batches]
+        return DataLoader(self._overfit, batch_size=None)  # the batches as they are, in order
 
     # The data position, saved in every checkpoint: the epoch and how many of its batches were trained on. Lightning
     # restores its own step and batch counters and ends the epoch after the remaining batches; the loader skips the

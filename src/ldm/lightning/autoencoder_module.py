@@ -24,6 +24,7 @@ from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.autoencoder.losses import AutoencoderLoss
 from ldm.utils.checkpoint import check_architecture
 from ldm.utils.images import image_grid, log_image_grid
+from ldm.utils.logging import logger_step
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -162,7 +163,8 @@ class AutoencoderModule(L.LightningModule):
             n = min(self.num_val_images, x.shape[0])
             grid = image_grid(torch.cat([x[:n], recon[:n]]), nrow=n)
             log_image_grid(self.loggers, "val/reconstructions", grid, self.global_step,
-                           fallback_dir=f"{self.trainer.default_root_dir}/images", caption="top: input, bottom: recon")
+                           fallback_dir=f"{self.trainer.default_root_dir}/images", caption="top: input, bottom: recon",
+                           log_step=logger_step(self.trainer))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

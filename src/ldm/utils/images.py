@@ -26,13 +26,17 @@ def image_grid(images: Tensor, nrow: int = 8) -> Image.Image:
 
 
 def log_image_grid(loggers: list[Logger], key: str, grid: Image.Image, step: int,
-                   fallback_dir: str | Path | None = None, caption: str | None = None) -> None:
-    """Log to W&B when present; always also write a PNG under `fallback_dir` so runs without W&B keep images."""
+                   fallback_dir: str | Path | None = None, caption: str | None = None,
+                   log_step: int | None = None) -> None:
+    """Log to W&B when present; always also write a PNG under `fallback_dir` so runs without W&B keep images.
+
+    `step` names the PNG (the global step, as checkpoints do); `log_step` is the loggers' axis (default `step`).
+    """
     from lightning.pytorch.loggers import WandbLogger  # here: sample.py uses this module without Lightning
 
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid], step=step, caption=[caption] if caption else None)
+            logger.log_image(key=key, images=[grid], step=step if log_step is None else log_step, caption=[caption] if caption else None)
     if fallback_dir is not None:
         path = Path(fallback_dir) / f"{key.replace('/', '_')}_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
