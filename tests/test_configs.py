@@ -164,3 +164,24 @@ def test_noise_schedule_sweep_preset_lists_the_grid(tmp_path: Path) -> None:
     params = cfg.hydra.sweeper.params
     assert params["diffusion/schedule"].split(",") == ["linear", "scaled_linear", "cosine", "sigmoid"]
     assert params["diffusion/parameterization"] == "eps,v"
+
+
+@pytest.mark.parametrize("preset", ["fast", "smoke", "overfit", "profile"])
+def test_debug_presets_report_at_the_end(preset: str, tmp_path: Path, shapes_root: Path, vgg_file: Path) -> None:
+    """`debug=<preset>` on top of an experiment: every step logged, one validation at the very end, a few batches."""
+    cfg = compose_cfg(*experiment_overrides("ldm_tiny", tmp_path, shapes_root, vgg_file), f"debug={preset}",
+                      "logger=wandb" if preset != "smoke" else "logger=csv")
+    built = build(cfg)
+    trainer = built.trainer
+    assert trainer.log_every_n_steps == 1 and trainer.max_steps < 1000
+    assert trainer.val_check_interval == trainer.max_steps  # validation, checkpoint and samples at the end
+    names = {type(c).__name__ for c in built.callbacks}
+    assert "ModelCheckpoint" in names
+    assert ("SampleImages" in names) == (preset != "overfit")
+    if "SampleImages" in names:
+        assert next(c for c in built.callbacks if type(c).__name__ == "SampleImages").every_n_steps == cfg.trainer.max_steps
+    assert [type(lg).__name__ for lg in built.loggers] == (["CSVLogger"] if preset == "smoke" else ["WandbLogger"])
+    if preset == "overfit":
+        assert built.datamodule.overfit_batches == 1 and trainer.limit_val_batches == 0
+    if preset == "profile":
+        assert type(trainer.profiler).__name__ == "SimpleProfiler"

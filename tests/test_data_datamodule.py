@@ -67,3 +67,18 @@ def test_setup_reads_rank_and_fails_fast(shapes, tmp_path):
                                   num_workers=2)
     one_val_shard.setup("validate")  # 2 val shards, 2 workers requested: fits
     assert one_val_shard.val_loader.num_workers == 2
+
+
+def test_overfit_batches_replays_the_first_batches_every_epoch(shapes_root) -> None:
+
+    dm = WebDataModule(str(shapes_root / "train"), None, resolution=32, batch_size=16, num_workers=0,
+                       overfit_batches=2)
+    epochs = [[b["key"] for b in dm.train_dataloader()] for _ in range(2)]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
+    fresh = WebDataModule(str(shapes_root / "train"), None, resolution=32, batch_size=16, num_workers=0)
+    fresh.setup("fit")
+    first = next(iter(fresh.train_dataloader()))
+    assert first["key"] == epochs[0][0] and "skips" not in next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match="overfit_batches=99, but an epoch holds only 16 batches"):
+        next(iter(WebDataModule(str(shapes_root / "train"), None, resolution=32, batch_size=16, num_workers=0,
+                                overfit_batches=99).train_dataloader()))
