@@ -129,3 +129,22 @@ def test_fsdp_with_a_trainable_text_encoder_is_refused_by_name() -> None:
         m.configure_model()
     m._device_mesh = None  # any other strategy: nothing to do
     m.configure_model()
+
+
+def test_checkpoints_record_the_autoencoder_and_resuming_with_another_is_refused() -> None:
+    from ldm.models.autoencoder.export import weights_hash
+
+    trained = module()
+    checkpoint: dict = {}
+    trained.on_save_checkpoint(checkpoint)
+    assert checkpoint["ldm"]["autoencoder_sha256"] == weights_hash(trained.autoencoder)
+    module().on_load_checkpoint(checkpoint)  # the same autoencoder: fine
+    other = module()
+    with torch.no_grad():
+        next(other.autoencoder.parameters()).add_(0.01)
+    other.autoencoder_sha256 = weights_hash(other.autoencoder)
+    with pytest.raises(ValueError, match=rf"trained with autoencoder {checkpoint['ldm']['autoencoder_sha256']}, but "
+                                         rf"model.autoencoder.path holds autoencoder {other.autoencoder_sha256}"):
+        other.on_load_checkpoint(checkpoint)
+    del checkpoint["ldm"]["autoencoder_sha256"]  # written before the hash was recorded: nothing to check
+    other.on_load_checkpoint(checkpoint)

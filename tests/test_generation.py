@@ -254,3 +254,44 @@ def test_quickstart_end_to_end_follows_the_prompt_colour(tmp_path: Path) -> None
     assert result["n"] == 60 and "prompt adherence" in proc.stdout
     assert result["colour_accuracy"] >= 0.40, result["summary"]  # chance is 16.7%
     assert (tmp_path / "outputs" / "quickstart" / "samples" / "grid.png").is_file()
+
+
+def test_a_moved_project_samples_with_its_own_autoencoder_and_another_is_refused(
+        runs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Run folders record absolute paths: a copied project must not load the original's autoencoder unnoticed."""
+    import shutil
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.inference.loading import find_run_config, locate_autoencoder
+    from ldm.models.autoencoder.export import export_autoencoder, weights_hash
+
+    trained_with = torch.load(runs["ckpt"], map_location="cpu", weights_only=False)["ldm"]["autoencoder_sha256"]
+    assert trained_with == weights_hash(load_autoencoder(runs["ae"] / "export"))
+    moved = tmp_path / "moved"  # the project copied elsewhere, its config still naming the original's export
+    shutil.copytree(runs["ae"] / "export", moved / "autoencoder" / "export")
+    shutil.copytree(runs["ldm"], moved / "ldm", ignore=shutil.ignore_patterns("wandb", "images"))
+    ckpt = moved / "ldm" / "checkpoints" / "last.ckpt"
+    cfg = OmegaConf.load(find_run_config(ckpt))
+    assert cfg.model.autoencoder.path == str(runs["ae"] / "export")
+    assert locate_autoencoder(cfg.model, find_run_config(ckpt), trained_with) == moved / "autoencoder" / "export"
+    assert load_pipeline(ckpt).autoencoder is not None
+
+    # the copy's own autoencoder replaced by another one: the recorded original is the right one after all
+    ae = load_autoencoder(runs["ae"] / "export")
+    with torch.no_grad():
+        next(ae.parameters()).add_(0.01)
+    export_autoencoder(ae, moved / "autoencoder" / "export")
+    assert locate_autoencoder(cfg.model, find_run_config(ckpt), trained_with) == runs["ae"] / "export"
+
+    # a config that names another autoencoder, and no other place to look: refused, naming both
+    cfg.paths.output_dir = str(moved / "ldm")
+    cfg.model.autoencoder.path = str(moved / "autoencoder" / "export")
+    OmegaConf.save(cfg, find_run_config(ckpt))
+    with pytest.raises(ValueError, match=rf"trained with autoencoder {trained_with}, but .* holds autoencoder "
+                                         rf"{weights_hash(ae)}"):
+        load_pipeline(ckpt)
+    # asked for by name (a fine-tuned decoder, say): loaded, with a warning
+    load_pipeline(ckpt, autoencoder=moved / "autoencoder" / "export")
+    assert f"the model was trained with {trained_with}" in caplog.text

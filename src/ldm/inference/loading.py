@@ -8,6 +8,7 @@ stage-1 export under `autoencoder/`. Like `cli/train.build`, this module turns c
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm.inference.pipeline import LatentDiffusionPipeline
-from ldm.models.autoencoder.export import export_autoencoder
+from ldm.models.autoencoder.export import (
+    autoencoder_hash,
+    autoencoder_mismatch,
+    export_autoencoder,
+    weights_hash,
+)
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -44,13 +50,62 @@ def ema_state(ckpt: dict[str, Any], attribute: str = "unet") -> tuple[dict[str, 
     return None
 
 
-def _load_lightning(path: Path, config: Path | None, ema: bool | None) -> tuple[DictConfig, dict, dict | None, str]:
+def locate_autoencoder(model_cfg: DictConfig, run_config: Path | None, trained_with: str | None,
+                       override: str | Path | None = None) -> Path:
+    """The stage-1 autoencoder to sample a stage-2 checkpoint with.
+
+    `override` (the user's `autoencoder=`) is taken as given, with a warning when it is not the one the model was
+    trained with (a fine-tuned decoder is a legitimate choice). Otherwise the config's path: a run folder moved
+    or copied with its project records the original's path, so the same place relative to the run folder is
+    tried first, then the path as recorded; of these, the one holding the autoencoder whose hash the checkpoint
+    records (`trained_with`) is taken, and if none does, loading is refused naming both hashes.
+    """
+    if override is not None:
+        if trained_with is not None and (given := autoencoder_hash(override)) != trained_with:
+            log.warning(f"autoencoder={override} is autoencoder {given}, but the model was trained with "
+                        f"{trained_with}: samples are only meaningful if the two share a latent space.")
+        return Path(override)
+    recorded = Path(model_cfg.autoencoder.path)
+    candidates = [p for p in (_relocated(recorded, run_config), recorded) if p is not None and p.exists()]
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise FileNotFoundError(f"The autoencoder this model was trained with, {recorded}, is missing; pass "
+                                "autoencoder=<stage-1 export folder>.")
+    if trained_with is None:  # a checkpoint from before the hash was recorded
+        return candidates[0]
+    hashes = {candidate: autoencoder_hash(candidate) for candidate in candidates}
+    match = next((candidate for candidate, h in hashes.items() if h == trained_with), None)
+    if match is None:
+        raise autoencoder_mismatch(trained_with, hashes[candidates[0]], f"{candidates[0]} (model.autoencoder.path)")
+    return match
+
+
+def _relocated(recorded: Path, run_config: Path | None) -> Path | None:
+    """Where `recorded` is now if the run folder moved with it: the same path relative to the run folder."""
+    if run_config is None:
+        return None
+    original_run = OmegaConf.select(OmegaConf.load(run_config), "paths.output_dir")
+    run_dir = run_config.parent
+    if not original_run or Path(original_run).resolve() == run_dir.resolve():
+        return None
+    if not recorded.is_absolute():  # relative to the directory train.py was started from
+        hydra_file = run_dir / ".hydra" / "hydra.yaml"
+        cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd") if hydra_file.is_file() else None
+        if cwd is None:
+            return None
+        recorded = Path(cwd) / recorded
+    return Path(os.path.normpath(run_dir / os.path.relpath(recorded, original_run)))
+
+
+def _load_lightning(path: Path, config: Path | None, ema: bool | None
+                    ) -> tuple[DictConfig, dict, dict | None, str, Path, str | None]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     meta = ckpt.get("ldm", {})
     if meta.get("stage") != "diffusion":
         raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm "
                          f"(ckpt['ldm']['stage'] = {meta.get('stage')!r}); sample.py needs one from experiment=ldm_*.")
-    cfg = OmegaConf.load(config or find_run_config(path))
+    run_config = config or find_run_config(path)
+    cfg = OmegaConf.load(run_config)
     state = ckpt["state_dict"]
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     text = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")} or None
@@ -60,7 +115,8 @@ def _load_lightning(path: Path, config: Path | None, ema: bool | None) -> tuple[
     weights = "raw"
     if averaged is not None and ema is not False:
         unet, weights = averaged[0], f"ema ({averaged[1]} updates)"
-    return cfg.model, {"unet": unet, "text_encoder": text}, cfg.get("data"), weights
+    return cfg.model, {"unet": unet, "text_encoder": text}, cfg.get("data"), weights, run_config, \
+        meta.get("autoencoder_sha256")
 
 
 def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Path | None = None,
@@ -84,9 +140,12 @@ def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Pa
         model_cfg, data_cfg, weights = card.model, {"resolution": card.resolution}, str(card.weights)
         states = {"unet": load_file(str(path / UNET_FILE)),
                   "text_encoder": load_file(str(path / TEXT_FILE)) if (path / TEXT_FILE).is_file() else None}
-        autoencoder = autoencoder or path / AUTOENCODER_DIR
+        model_cfg.autoencoder.path = str(path / AUTOENCODER_DIR)
+        run_config, trained_with = None, card.get("autoencoder_sha256")
     else:
-        model_cfg, states, data_cfg, weights = _load_lightning(path, Path(config) if config else None, ema)
+        model_cfg, states, data_cfg, weights, run_config, trained_with = _load_lightning(
+            path, Path(config) if config else None, ema)
+    autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder,
                               resolution=(data_cfg or {}).get("resolution"))
     _load_part(pipeline.unet, states["unet"], "UNet", path)
@@ -129,7 +188,9 @@ def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None =
                     config: str | Path | None = None, autoencoder: str | Path | None = None) -> Path:
     """Write a self-contained export of a stage-2 checkpoint (see the module docstring); returns `out_dir`."""
     ckpt, out = Path(ckpt), Path(out_dir)
-    model_cfg, states, data_cfg, weights = _load_lightning(ckpt, Path(config) if config else None, ema)
+    model_cfg, states, data_cfg, weights, run_config, trained_with = _load_lightning(
+        ckpt, Path(config) if config else None, ema)
+    autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder)  # checks that every part loads
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in states["unet"].items()}, str(out / UNET_FILE))
@@ -142,6 +203,6 @@ def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None =
     parts["autoencoder"] = OmegaConf.merge(parts["autoencoder"], {"path": AUTOENCODER_DIR})
     parts["loss"] = {"schedule": model_cfg.loss.schedule, "parameterization": model_cfg.loss.parameterization}
     card = {"model": parts, "resolution": (data_cfg or {}).get("resolution"), "weights": weights,
-            "source": str(ckpt.resolve())}
+            "source": str(ckpt.resolve()), "autoencoder_sha256": weights_hash(pipeline.autoencoder)}
     OmegaConf.save(OmegaConf.create(card), out / EXPORT_CARD)
     return out

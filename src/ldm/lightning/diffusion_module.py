@@ -17,6 +17,7 @@ from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.schedules import vp_from_logsnr
 from ldm.lightning.nonfinite import NonFiniteGuard
 from ldm.lightning.sharding import full_tensor, is_sharded, shard_unet
+from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.checkpoint import check_architecture
@@ -74,6 +75,9 @@ class DiffusionModule(L.LightningModule):
         check_compatible(autoencoder, unet, text_encoder)
         self.unet, self.text_encoder = unet, text_encoder
         self.autoencoder = autoencoder.requires_grad_(False).eval()
+        # Frozen, so hashed once: recorded in every checkpoint, so that sampling, evaluation and resuming refuse
+        # another autoencoder (a moved or copied project whose config still names the original's file).
+        self.autoencoder_sha256 = weights_hash(autoencoder)
         self.loss, self.optimizer_factory, self.scheduler_factory = loss, optimizer, lr_scheduler
         self.cond_drop_prob = cond_drop_prob
         self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
@@ -145,6 +149,7 @@ class DiffusionModule(L.LightningModule):
         bs = z.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/cond_drop_rate", dropped.float().mean(), batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)  # this step's
         return loss
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
@@ -211,6 +216,7 @@ class DiffusionModule(L.LightningModule):
         checkpoint["ldm"] = {"stage": "diffusion", "unet": dict(getattr(self.unet, "config", {})),
                              "autoencoder": self.autoencoder.config,
                              "latent_scale": float(self.autoencoder.latent_scale),
+                             "autoencoder_sha256": self.autoencoder_sha256,
                              "nonfinite": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -218,5 +224,8 @@ class DiffusionModule(L.LightningModule):
         if meta.get("stage", "diffusion") != "diffusion":
             raise ValueError(f"This is a {meta['stage']!r} checkpoint; stage 2 resumes only diffusion checkpoints.")
         check_architecture(meta.get("unet"), dict(getattr(self.unet, "config", {})), "UNet")
+        trained_with = meta.get("autoencoder_sha256")  # absent in checkpoints from before it was recorded
+        if trained_with is not None and trained_with != self.autoencoder_sha256:
+            raise autoencoder_mismatch(trained_with, self.autoencoder_sha256, "model.autoencoder.path")
         if "nonfinite" in meta:
             self.guard.load_state_dict(meta["nonfinite"])

@@ -29,6 +29,26 @@ def weights_hash(autoencoder: AutoencoderKL) -> str:
     return digest.hexdigest()[:16]
 
 
+def autoencoder_mismatch(trained_with: str, given: str, where: str) -> ValueError:
+    """The error for an autoencoder other than the one a stage-2 checkpoint was trained with (hashes from
+    `weights_hash`); `where` names the setting that chose it."""
+    return ValueError(f"This stage-2 checkpoint was trained with autoencoder {trained_with}, but {where} holds "
+                      f"autoencoder {given}: another latent space, so its samples would be noise. Point {where} "
+                      "at the stage-1 export the model was trained with (its export/autoencoder.json lists "
+                      "weights_sha256).")
+
+
+def autoencoder_hash(path: str | Path) -> str:
+    """`weights_hash` of the autoencoder at `path`: read from an export's card, computed for a stage-1 `.ckpt`."""
+    path = Path(path)
+    card_path = (path if path.is_dir() else path.parent) / CARD
+    if path.suffix != ".ckpt" and card_path.is_file():
+        recorded = json.loads(card_path.read_text()).get("weights_sha256")
+        if recorded:
+            return str(recorded)
+    return weights_hash(load_autoencoder(path))
+
+
 def card(autoencoder: AutoencoderKL, **extra: Any) -> dict[str, Any]:
     return {
         "architecture": autoencoder.config,
