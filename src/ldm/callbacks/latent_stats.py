@@ -58,7 +58,7 @@ class LatentStatsExport(L.Callback):
         log.info(f"Latent statistics over {int(stats.count)} positions: scale={scale:.5f}, "
                  f"mean={[round(v, 4) for v in mean.tolist()]}, std={[round(v, 4) for v in std.tolist()]}")
         out = Path(trainer.default_root_dir)
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
         if trainer.is_global_zero:
             target = export_autoencoder(ae, self.export_dir or out / "export", global_step=trainer.global_step,
                                         resolution=getattr(dm, "resolution", None))

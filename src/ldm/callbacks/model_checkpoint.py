@@ -39,5 +39,5 @@ class ModelCheckpoint(_ModelCheckpoint):
         if not self.save_last or self.dirpath is None or trainer.global_step == 0:
             return
         if self._last_global_step_saved != trainer.global_step:  # every rank calls this: the save is collective
-            trainer.save_checkpoint(str(Path(self.dirpath) / LAST))
+            trainer.save_checkpoint(str(Path(self.dirpath) / LAST), weights_only=False)  # the full state
             self._last_global_step_saved = trainer.global_step

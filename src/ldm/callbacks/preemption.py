@@ -50,7 +50,7 @@ class Preemption(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(local, all=False):  # any rank signalled: all save
             return
         path = self.last_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         for c in trainer.callbacks:  # so the end-of-training save does not write the same step again
             if isinstance(c, ModelCheckpoint):
                 c._last_global_step_saved = trainer.global_step
