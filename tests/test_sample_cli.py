@@ -55,6 +55,20 @@ def test_main_takes_prompts_with_commas_and_quotes_as_typed(tiny_ckpt: Path, tmp
     assert (record["prompt"], record["negative_prompt"]) == (PROMPT, NEGATIVE)
 
 
+def test_the_progress_bar_ends_its_line(tiny_ckpt: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                        one_thread) -> None:
+    """One bar over every batch, left finished on its own line: "Wrote ..." used to land on the bar's line."""
+    from ldm.cli.sample import run
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={tiny_ckpt}", "prompt=a red circle", "num_images=3", "batch_size=2",
+                                           "steps=2", "device=cpu", f"out_dir={tmp_path}"])
+    run(cfg)
+    err = capfd.readouterr().err
+    bar = err[err.rindex("sampling 3 images"):]
+    assert "4/4" in bar and bar.endswith("\n") and err.count("sampling 3 images") >= 1
+
+
 def test_sample_starts_without_lightning() -> None:
     """Sampling needs no Trainer: importing Lightning added ~3-8 s to every `scripts/sample.py` start."""
     code = ("import sys\n"

@@ -85,11 +85,14 @@ def run(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, images, failed = [], [], []
+    steps = max(1, int(cfg.steps * strength)) if image is not None else cfg.steps  # per batch
+    # One bar for the whole run, left on screen when done, so that later log lines start on a line of their own.
+    bar = tqdm(total=steps * math.ceil(len(jobs) / cfg.batch_size), desc=f"sampling {len(jobs)} images",
+               unit="step")
     for start in range(0, len(jobs), cfg.batch_size):
         batch = jobs[start:start + cfg.batch_size]
         result = _generate(pipeline, cfg, [p for p, _ in batch], [s for _, s in batch], image, mask, strength,
-                           int(height), int(width), desc=f"batch {start // cfg.batch_size + 1}/"
-                                                          f"{math.ceil(len(jobs) / cfg.batch_size)}")
+                           int(height), int(width), bar)
         for k, (prompt, seed) in enumerate(batch):
             index = start + k
             if not result.finite[k]:
@@ -102,6 +105,7 @@ def run(cfg: DictConfig) -> list[Path]:
             path.with_suffix(".json").write_text(json.dumps(_record(cfg, pipeline, prompt, seed, height, width,
                                                                     strength), indent=2))
             written.append(path)
+    bar.close()
     image_grid(torch.stack(images), nrow=cfg.grid_rows or cfg.num_images).save(out / "grid.png")
     log.info(f"Wrote {len(written)} images, their json settings and grid.png to {out}")
     if failed:
@@ -112,14 +116,12 @@ def run(cfg: DictConfig) -> list[Path]:
 
 
 def _generate(pipeline: LatentDiffusionPipeline, cfg: DictConfig, prompts: list[str], seeds: list[int],
-              image: Tensor | None, mask: Tensor | None, strength: float, height: int, width: int, desc: str) -> Any:
-    total = max(1, int(cfg.steps * strength)) if image is not None else cfg.steps
-    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
-        return pipeline.generate(
-            prompts, seeds, negative_prompt=cfg.negative_prompt, sampler=cfg.sampler, steps=cfg.steps,
-            spacing=cfg.spacing, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale, height=height,
-            width=width, image=image, strength=strength, mask=mask, repaint=cfg.repaint, precision=cfg.precision,
-            callback=lambda *_: bar.update(1))
+              image: Tensor | None, mask: Tensor | None, strength: float, height: int, width: int, bar: tqdm) -> Any:
+    return pipeline.generate(
+        prompts, seeds, negative_prompt=cfg.negative_prompt, sampler=cfg.sampler, steps=cfg.steps,
+        spacing=cfg.spacing, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale, height=height,
+        width=width, image=image, strength=strength, mask=mask, repaint=cfg.repaint, precision=cfg.precision,
+        callback=lambda *_: bar.update(1))
 
 
 def _record(cfg: DictConfig, pipeline: LatentDiffusionPipeline, prompt: str, seed: int, height: int, width: int,
