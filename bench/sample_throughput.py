@@ -15,7 +15,7 @@ sigma_max in VE form, which in VP form is noise * sqrt(1 - alpha_bar_T) (0.2% sm
 
 Weights: random diffusers `UNet2DConditionModel` and `AutoencoderKL` are built first and converted into ours with
 `ldm.models.{unet,autoencoder}.convert`, so both sides run the same numbers. Presets (v-prediction, as our configs):
-`tiny` = ldm_tiny (conf/model/unet/tiny.yaml, conf/model/autoencoder/tiny.yaml, the tiny OpenCLIP text tower,
+`tiny` = ldm_tiny (conf/model/backbone/unet_tiny.yaml, conf/model/autoencoder/tiny.yaml, the tiny OpenCLIP text tower,
 cosine schedule, 32 px); `sd-like` = the mini-SD UNet of bench/unet_step.py (SD 2.x block layout at width 64) with
 the kl_f8_c4 autoencoder (conf/model/autoencoder/kl_f8_c4.yaml), scaled_linear schedule, 256 px on CUDA with a
 randomly initialised OpenCLIP ViT-H-14 text tower (77 x 1024; no weights can be downloaded), 64 px on CPU with the
@@ -83,7 +83,7 @@ SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 UNETS = {
     "tiny": (dict(block_out_channels=(32, 64), attention_head_dim=(2, 4), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-                  use_linear_projection=True), CONF / "unet/tiny.yaml"),
+                  use_linear_projection=True), CONF / "backbone/unet_tiny.yaml"),
     "mini_sd": (dict(block_out_channels=(64, 128, 256, 256), attention_head_dim=(1, 2, 4, 4), layers_per_block=2,
                      down_block_types=SD_DOWN, up_block_types=SD_UP, use_linear_projection=True), None),
 }
@@ -191,8 +191,8 @@ def diffusers_generate(unet: UNet2DConditionModel, vae: DiffusersAutoencoderKL, 
     device, dtype = unet.device, unet.dtype
     batch = len(prompts)
     # 3. encode_prompt: negative first, as the pipeline concatenates them
-    cond = text_encoder.encode(list(prompts)).token_states
-    uncond = text_encoder.encode([""] * batch).token_states
+    cond = text_encoder.encode(list(prompts)).tokens
+    uncond = text_encoder.encode([""] * batch).tokens
     prompt_embeds = torch.cat([uncond, cond]).to(device, dtype)
     # 4. retrieve_timesteps
     scheduler.set_timesteps(steps, device=device)

@@ -1,4 +1,4 @@
-"""Training-state memory per rank under `trainer=fsdp` (FSDP2-sharded UNet, `ldm.lightning.sharding.shard_unet`)
+"""Training-state memory per rank under `trainer=fsdp` (FSDP2-sharded UNet, `ldm.lightning.sharding.shard_backbone`)
 against a DDP replica of the same UNet, in the same processes: bytes of parameters, gradients and AdamW state that
 each rank holds after one real training step, and on CUDA the peak allocated memory of that step.
 
@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ldm.evaluation.distributed import init_from_env, rank_and_world
-from ldm.lightning.sharding import shard_unet
+from ldm.lightning.sharding import shard_backbone
 
-CONF = Path(__file__).resolve().parents[1] / "conf/model/unet"
+CONF = Path(__file__).resolve().parents[1] / "conf/model/backbone"
 
 
 def local_bytes(tensors: Iterable[Tensor | None]) -> int:
@@ -63,7 +63,7 @@ def train_step(unet: nn.Module, module: nn.Module, optimizer: torch.optim.Optimi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", default="base", help="a conf/model/unet preset (base: 156.8M, sd2: 865M)")
+    parser.add_argument("--unet", default="base", help="a conf/model/backbone/unet_* preset (base: 156.8M, sd2: 865M)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--resolution", type=int, default=64, help="image side in px (latents are side / 8)")
     parser.add_argument("--batch", type=int, default=1, help="per rank")
@@ -74,7 +74,7 @@ def main() -> None:
     rank, world = rank_and_world()
     if world < 2:
         parser.error("launch at least two processes: torchrun --nproc_per_node=2 bench/sharding_memory.py")
-    cfg = OmegaConf.load(CONF / f"{args.unet}.yaml")
+    cfg = OmegaConf.load(CONF / f"unet_{args.unet}.yaml")
 
     results = {}
     for kind in ("ddp", "fsdp"):
@@ -83,7 +83,7 @@ def main() -> None:
         if kind == "ddp":
             module = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
         else:
-            module = shard_unet(unet, init_device_mesh(device.type, (world,)))
+            module = shard_backbone(unet, init_device_mesh(device.type, (world,)))
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
         results[kind] = train_step(unet, module, optimizer, args, device, cfg.context_dim)
         del module, unet, optimizer

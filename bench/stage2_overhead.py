@@ -40,7 +40,7 @@ def build(device: str) -> DiffusionModule:
                 attention_levels=(0, 1), num_heads=None, head_channels=16, context_dim=64, norm_groups=8)
     schedule = ScaledLinearSchedule()
     loss = DenoisingLoss(schedule, VPrediction(schedule), MinSNR(5.0))
-    return DiffusionModule(unet=unet, text_encoder=OpenCLIPTextEncoder("ldm-tiny-text", pretrained=None),
+    return DiffusionModule(backbone=unet, text_encoder=OpenCLIPTextEncoder("ldm-tiny-text", pretrained=None),
                            autoencoder=ae, loss=loss, optimizer=partial(torch.optim.AdamW, lr=1e-4, fused=True)).to(device)
 
 
@@ -73,7 +73,7 @@ def full_steps(module: DiffusionModule, data: list[dict], device: str, precision
                         precision=precision, gradient_clip_val=1.0, log_every_n_steps=1,
                         logger=CSVLogger(tmp, name="bench"), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EMA(attribute="unet", decay=0.999), timer])
+                        callbacks=[EMA(attribute="backbone", decay=0.999), timer])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return min(timer.times[2:])  # the first steps build optimizer state and the EMA copy
 
@@ -89,9 +89,9 @@ def bare_steps(module: DiffusionModule, data: list[dict], device: str, precision
         with autocast:
             z = module.encode_images(batch["image"].to(device))
             context, _ = module.embed_captions(batch["caption"], module.cond_drop_prob)
-            loss = module.loss(module.unet, z, context).loss.mean()
+            loss = module.loss(module.backbone, z, context).loss.mean()
         loss.backward()
-        module.unet.zero_grad(set_to_none=True)
+        module.backbone.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

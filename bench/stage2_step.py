@@ -19,7 +19,7 @@ on CPU it is n/a. The autoencoder's encoder and the text encoder forwards are co
 training FLOPs.
 
 Presets: `tiny` (ldm_tiny: tiny f4 autoencoder, tiny UNet, tiny text tower, cosine schedule, 32 px, batch 64) and
-`ldm_256` (conf/model/autoencoder/kl_f8_c4.yaml, conf/model/unet/base.yaml, scaled_linear; 256 px, batch 32 on CUDA
+`ldm_256` (conf/model/autoencoder/kl_f8_c4.yaml, conf/model/backbone/unet_base.yaml, scaled_linear; 256 px, batch 32 on CUDA
 with a randomly initialised OpenCLIP ViT-H-14 text tower, as pretrained weights cannot be downloaded; on CPU 64 px,
 batch 2 and the tiny text tower, the UNet's context_dim following the text width). All weights are random.
 
@@ -75,14 +75,14 @@ def build(preset: str, text: str, device: torch.device) -> DiffusionModule:
     ae_name, unet_name, schedule_name = PRESETS[preset][:3]
     torch.manual_seed(0)
     text_encoder = OpenCLIPTextEncoder(model_name=TEXT_ENCODERS[text], pretrained=None)
-    unet = instantiate(OmegaConf.load(CONF / f"unet/{unet_name}.yaml"), context_dim=text_encoder.width)
+    unet = instantiate(OmegaConf.load(CONF / f"backbone/unet_{unet_name}.yaml"), context_dim=text_encoder.width)
     autoencoder = instantiate(OmegaConf.load(CONF / f"autoencoder/{ae_name}.yaml"))
     autoencoder.set_latent_stats(0.18215, torch.zeros(autoencoder.latent_channels),
                                  torch.ones(autoencoder.latent_channels))
     schedule = SCHEDULES[schedule_name]()
     loss = DenoisingLoss(schedule, VPrediction(schedule), MinSNR(5.0))
     optimizer = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01, fused=True)
-    return DiffusionModule(unet=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=loss,
+    return DiffusionModule(backbone=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=loss,
                            optimizer=optimizer).to(device).train()
 
 
@@ -110,7 +110,7 @@ def make_step(module: DiffusionModule, optimizer: torch.optim.Optimizer, autocas
         with torch.autocast(device_type, dtype=autocast) if autocast is not None else nullcontext():
             z = module.latents(batch)  # (B, c, H/f, W/f)
             context, _ = module.embed_captions(batch["caption"], module.cond_drop_prob)
-            loss = module.loss(module.unet, z, context).loss.mean()
+            loss = module.loss(module.backbone, z, context).loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
@@ -127,7 +127,7 @@ def forward_flops(module: DiffusionModule, batch: dict, autocast: torch.dtype | 
         z = module.encode_images(x)
         context, _ = module.embed_captions(batch["caption"])
         t = torch.rand(x.shape[0], device=x.device) * 999
-        parts = {"unet": lambda: module.unet(z, t, context), "encoder": lambda: module.autoencoder.encode(x),
+        parts = {"unet": lambda: module.backbone(z, t, context), "encoder": lambda: module.autoencoder.encode(x),
                  "text": lambda: module.text_encoder.encode(batch["caption"])}
         for name, fn in parts.items():
             with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
@@ -187,7 +187,7 @@ def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> l
         rows.append(dict(preset=preset, input=name, batch=batch, resolution=resolution, text=text,
                          images_per_s=batch / seconds, ms_per_step=1e3 * seconds, tflops=achieved / 1e12,
                          mfu=achieved / peak if peak else None, flops=flops,
-                         n_params=sum(p.numel() for p in module.unet.parameters())))
+                         n_params=sum(p.numel() for p in module.backbone.parameters())))
     rows[1]["ratio"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     return rows
 

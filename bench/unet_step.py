@@ -3,7 +3,7 @@
 fp32 on CPU or bf16 autocast on CUDA.
 
 Configs: `mini_sd` (SD 2.x block layout at width 64: 38.8M parameters, 32x32x4 latents, 64-channel heads,
-77 x 1024 context) and `tiny` (conf/model/unet/tiny.yaml on 8x8x4 latents, 77 x 64 context). Both contenders run
+77 x 1024 context) and `tiny` (conf/model/backbone/unet_tiny.yaml on 8x8x4 latents, 77 x 64 context). Both contenders run
 alternately in one process, `--steps` steps per repeat, best repeat counts; diffusers uses its SDPA processor.
 FLOP/s: `FlopCounterMode` counts one step's forward + backward FLOPs (AdamW's elementwise work is not counted),
 divided by the best step time, as a fraction of this machine's matmul peak measured in the same run (a large fp32
@@ -49,7 +49,7 @@ CONFIGS = {  # diffusers config, latent size, context tokens x width, default ba
                   cross_attention_dim=64, down_block_types=("CrossAttnDownBlock2D",) * 2,
                   up_block_types=("CrossAttnUpBlock2D",) * 2, use_linear_projection=True), 8, (77, 64), (16, 128)),
 }
-TINY_YAML = Path(__file__).resolve().parents[1] / "conf/model/unet/tiny.yaml"
+TINY_YAML = Path(__file__).resolve().parents[1] / "conf/model/backbone/unet_tiny.yaml"
 
 
 def build(name: str, device: torch.device) -> dict[str, torch.nn.Module]:

@@ -33,7 +33,7 @@ def module(cond_drop_prob: float = 0.1, **kw) -> DiffusionModule:
     ae, unet, text = parts(**kw)
     schedule = CosineSchedule()
     loss = DenoisingLoss(schedule, VPrediction(schedule))
-    return DiffusionModule(unet=unet, text_encoder=text, autoencoder=ae, loss=loss,
+    return DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae, loss=loss,
                            optimizer=partial(torch.optim.AdamW, lr=1e-3), cond_drop_prob=cond_drop_prob)
 
 
@@ -56,18 +56,19 @@ def test_caption_dropout_rate_and_null_embedding() -> None:
     m = module(cond_drop_prob=0.3)
     torch.manual_seed(0)
     captions = ["a small red circle on a blue background"] * 2000
-    context, dropped = m.embed_captions(captions, 0.3)
+    cond, dropped = m.embed_captions(captions, 0.3)
     assert abs(dropped.float().mean().item() - 0.3) < 0.03
-    null = m.text_encoder.encode([""]).token_states[0]
-    full = m.text_encoder.encode(captions[:1]).token_states[0]
-    torch.testing.assert_close(context[dropped], null.expand(int(dropped.sum()), -1, -1))
-    torch.testing.assert_close(context[~dropped], full.expand(int((~dropped).sum()), -1, -1))
+    null, full = m.text_encoder.encode([""]), m.text_encoder.encode(captions[:1])
+    for field in ("tokens", "pooled", "mask"):  # every field of the conditioning drops together
+        got, empty, caption = getattr(cond, field), getattr(null, field), getattr(full, field)
+        torch.testing.assert_close(got[dropped], empty.expand(int(dropped.sum()), *empty.shape[1:]))
+        torch.testing.assert_close(got[~dropped], caption.expand(int((~dropped).sum()), *caption.shape[1:]))
 
 
 def test_training_updates_only_the_unet_and_checkpoints_leave_frozen_parts_out() -> None:
     m = module()
     ae_before = {k: v.clone() for k, v in m.autoencoder.state_dict().items()}
-    unet_before = [p.clone() for p in m.unet.parameters()]
+    unet_before = [p.clone() for p in m.backbone.parameters()]
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, "caption": ["a red square"] * 4}
             for _ in range(3)]
@@ -76,12 +77,12 @@ def test_training_updates_only_the_unet_and_checkpoints_leave_frozen_parts_out()
     trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert trainer.global_step == 3
     assert all(torch.equal(v, m.autoencoder.state_dict()[k]) for k, v in ae_before.items())
-    assert any(not torch.equal(a, b) for a, b in zip(unet_before, m.unet.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(unet_before, m.backbone.parameters()))
     assert not m.autoencoder.training
     keys = m.state_dict().keys()
     assert not any(k.startswith("autoencoder.") for k in keys)
     # a randomly initialised text tower cannot be rebuilt from a file, so its weights stay in the checkpoint
-    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
+    assert {k.split(".")[0] for k in keys} == {"backbone", "text_encoder"}
     m.load_state_dict(m.state_dict())  # the reduced state dict loads back strictly
 
 
@@ -91,26 +92,26 @@ def test_checkpoints_leave_out_a_text_encoder_loaded_from_pretrained_weights(tmp
                tmp_path / "text.pt")
     m.text_encoder = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=str(tmp_path / "text.pt"))
     keys = m.state_dict().keys()
-    assert keys and all(k.startswith("unet.") for k in keys)
+    assert keys and all(k.startswith("backbone.") for k in keys)
     m.load_state_dict(m.state_dict())
 
 
 def test_compile_and_channels_last_switches_keep_outputs_and_checkpoint_names() -> None:
     plain = module()
     ae, unet, text = parts()
-    unet.load_state_dict(plain.unet.state_dict())
+    unet.load_state_dict(plain.backbone.state_dict())
     schedule = CosineSchedule()
-    fast = DiffusionModule(unet=unet, text_encoder=text, autoencoder=ae,
+    fast = DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae,
                            loss=DenoisingLoss(schedule, VPrediction(schedule)),
-                           optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_unet=True,
+                           optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_backbone=True,
                            compile_backend="eager", channels_last=True)
     assert fast.state_dict().keys() == plain.state_dict().keys()
-    for p in fast.unet.parameters():  # the SD init zeroes some convs: give every weight a value
+    for p in fast.backbone.parameters():  # the SD init zeroes some convs: give every weight a value
         torch.nn.init.normal_(p, std=0.05)
-    plain.unet.load_state_dict(fast.unet.state_dict())
+    plain.backbone.load_state_dict(fast.backbone.state_dict())
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 64)
-    torch.testing.assert_close(fast.unet(x, t, ctx), plain.unet(x, t, ctx), rtol=1e-4, atol=1e-5)
-    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.backbone(x, t, ctx), plain.backbone(x, t, ctx), rtol=1e-4, atol=1e-5)
+    assert fast.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_missing_autoencoder_export_is_a_clear_error(tmp_path) -> None:
@@ -125,7 +126,7 @@ def test_fsdp_with_a_trainable_text_encoder_is_refused_by_name() -> None:
     m = module()
     m.text_encoder.requires_grad_(True)
     m._device_mesh = object()  # what trainer=fsdp sets before configure_model (the mesh is not reached)
-    with pytest.raises(ValueError, match=r"trainer=fsdp shards only the UNet, but \['text_encoder\."):
+    with pytest.raises(ValueError, match=r"trainer=fsdp shards only the backbone, but \['text_encoder\."):
         m.configure_model()
     m._device_mesh = None  # any other strategy: nothing to do
     m.configure_model()
@@ -148,3 +149,23 @@ def test_checkpoints_record_the_autoencoder_and_resuming_with_another_is_refused
         other.on_load_checkpoint(checkpoint)
     del checkpoint["ldm"]["autoencoder_sha256"]  # written before the hash was recorded: nothing to check
     other.on_load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_from_before_the_backbone_rename_still_loads() -> None:
+    """Checkpoints written when the denoiser was `unet` (keys, architecture record, EMA attribute) load unchanged."""
+    trained = module()
+    checkpoint = {"state_dict": trained.state_dict(), "callbacks": {"EMA": {"attribute": "backbone"}}}
+    trained.on_save_checkpoint(checkpoint)
+    old = {"state_dict": {k.replace("backbone.", "unet.", 1): v for k, v in checkpoint["state_dict"].items()},
+           "callbacks": {"EMA": {"attribute": "unet"}},
+           "ldm": {**{k: v for k, v in checkpoint["ldm"].items() if k != "backbone"},
+                   "unet": {k: v for k, v in checkpoint["ldm"]["backbone"].items() if k != "_target_"}}}
+    fresh = module()
+    fresh.on_load_checkpoint(old)  # Lightning calls this before load_state_dict
+    fresh.load_state_dict(old["state_dict"])
+    assert old["callbacks"]["EMA"]["attribute"] == "backbone" and old["ldm"]["backbone"] == checkpoint["ldm"]["backbone"]
+    for a, b in zip(fresh.backbone.parameters(), trained.backbone.parameters()):
+        assert torch.equal(a, b)
+    other = {**old, "ldm": {**old["ldm"], "backbone": {**old["ldm"]["backbone"], "_target_": "ldm.models.dit.DiT"}}}
+    with pytest.raises(ValueError, match=r"backbone architecture does not match.*_target_: 'ldm.models.dit.DiT'"):
+        module().on_load_checkpoint(other)

@@ -141,7 +141,7 @@ def test_export_script_writes_a_loadable_folder(runs: dict[str, Path], tmp_path:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_pipeline.py"), "--ckpt", str(runs["ckpt"]),
                            "--out", str(tmp_path / "export"), "--raw"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name for p in (tmp_path / "export").iterdir()} == {"pipeline.yaml", "unet.safetensors",
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"pipeline.yaml", "backbone.safetensors",
                                                                "text_encoder.safetensors", "autoencoder"}
     assert load_pipeline(tmp_path / "export").weights == "raw"
 
@@ -149,7 +149,7 @@ def test_export_script_writes_a_loadable_folder(runs: dict[str, Path], tmp_path:
 def test_ema_and_raw_weights_differ(runs: dict[str, Path]) -> None:
     ema, raw = load_pipeline(runs["ckpt"], ema=True), load_pipeline(runs["ckpt"], ema=False)
     assert ema.weights.startswith("ema") and raw.weights == "raw"
-    assert any(not torch.equal(a, b) for a, b in zip(ema.unet.parameters(), raw.unet.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(ema.backbone.parameters(), raw.backbone.parameters()))
 
 
 def test_img2img_and_inpainting_from_files(runs: dict[str, Path], tmp_path: Path, shapes_root: Path) -> None:
@@ -206,8 +206,8 @@ def test_a_nan_sample_is_reported_and_not_written(runs: dict[str, Path], tmp_pat
 
     def broken(*args: object, **kwargs: object):
         pipeline = real(*args, **kwargs)
-        forward = pipeline.unet.forward
-        pipeline.unet.forward = lambda x, *a, **k: forward(x, *a, **k) * float("nan")
+        forward = pipeline.backbone.forward
+        pipeline.backbone.forward = lambda x, *a, **k: forward(x, *a, **k) * float("nan")
         return pipeline
 
     monkeypatch.setattr(cli, "load_pipeline", broken)

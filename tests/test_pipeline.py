@@ -122,7 +122,7 @@ def test_one_seed_per_prompt(pipeline: LatentDiffusionPipeline) -> None:
 
 
 def test_a_nan_sample_is_flagged(pipeline: LatentDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = pipeline.unet.forward
-    monkeypatch.setattr(pipeline.unet, "forward", lambda x, *a, **k: forward(x, *a, **k) * float("nan"))
+    forward = pipeline.backbone.forward
+    monkeypatch.setattr(pipeline.backbone, "forward", lambda x, *a, **k: forward(x, *a, **k) * float("nan"))
     out = pipeline.generate(PROMPTS[:2], [0, 1], steps=2)
     assert not bool(out.finite.any())

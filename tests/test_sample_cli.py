@@ -35,7 +35,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cfg = compose("train", overrides=["experiment=ldm_tiny", f"model.autoencoder.path={export}"])
     model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     pipeline = build_pipeline(model)
-    state = {f"{part}.{k}": v for part in ("unet", "text_encoder") for k, v in getattr(pipeline, part).state_dict().items()}
+    state = {f"{part}.{k}": v for part in ("backbone", "text_encoder") for k, v in getattr(pipeline, part).state_dict().items()}
     (run / "checkpoints").mkdir()
     torch.save({"ldm": {"stage": "diffusion"}, "state_dict": state}, run / "checkpoints" / "last.ckpt")
     OmegaConf.save(OmegaConf.create({"model": model, "data": {"resolution": 32}}), run / "config_resolved.yaml")

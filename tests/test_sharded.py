@@ -107,7 +107,7 @@ def test_a_sharded_run_continued_from_last_equals_one_run(runs: dict[str, Path],
                                                           tmp_path: Path) -> None:
     run_dir = tmp_path / "fsdp_cpu"
     # with activation checkpointing of the sharded blocks too: recomputation is exact, so the end must still be
-    extra = ["~callbacks.sample_images", "model.unet.gradient_checkpointing=true"]
+    extra = ["~callbacks.sample_images", "model.backbone.gradient_checkpointing=true"]
     torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS // 2, *extra)
     torchrun(run_dir, latent_parts, "fsdp_cpu", STEPS, *extra, "ckpt_path=last")
     for rank in (0, 1):

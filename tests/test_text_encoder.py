@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ldm.models.backbone import Conditioning
 from ldm.models.text_encoder import openclip as oc
-from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder, TextEncoding
+from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 
 TINY = "ldm-tiny-text"
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon", ""]
@@ -44,15 +45,15 @@ def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.
 def test_shapes_and_properties() -> None:
     encoder = tiny()
     out = encoder.encode(PROMPTS)
-    assert isinstance(out, TextEncoding)
-    assert out.token_states.shape == (3, 77, 64)
+    assert isinstance(out, Conditioning)
+    assert out.tokens.shape == (3, 77, 64)
     assert out.pooled.shape == (3, 64)
     assert out.mask.dtype == torch.bool and out.mask.shape == (3, 77)
     assert out.mask[2].sum() == 2  # "" is SOT + EOT
     assert (encoder.width, encoder.context_length, encoder.pooled_dim) == (64, 77, 64)
     assert not hasattr(encoder, "visual") and all(not n.startswith("visual") for n in encoder.state_dict())
     clone = pickle.loads(pickle.dumps(encoder))  # DDP spawn, torch.save(model)
-    torch.testing.assert_close(clone.encode(PROMPTS).token_states, out.token_states, rtol=0, atol=0)
+    torch.testing.assert_close(clone.encode(PROMPTS).tokens, out.tokens, rtol=0, atol=0)
 
 
 def test_matches_open_clip_encode_text_and_intermediates(clip_checkpoint) -> None:
@@ -68,16 +69,16 @@ def test_matches_open_clip_encode_text_and_intermediates(clip_checkpoint) -> Non
     out_p, out_l = penultimate(tokens), last(tokens)
     torch.testing.assert_close(out_p.pooled, expected_pooled)
     torch.testing.assert_close(out_l.pooled, expected_pooled)
-    torch.testing.assert_close(out_p.token_states, ref[0])
-    torch.testing.assert_close(out_l.token_states, ref[1])
-    assert not torch.allclose(out_p.token_states, out_l.token_states)
+    torch.testing.assert_close(out_p.tokens, ref[0])
+    torch.testing.assert_close(out_l.tokens, ref[1])
+    assert not torch.allclose(out_p.tokens, out_l.tokens)
 
 
 def test_shorter_token_batches_match_a_prefix_of_the_full_context() -> None:
     encoder = tiny()
     tokens = encoder.tokenize(PROMPTS[:2])
     full, short = encoder(tokens), encoder(tokens[:, :20])
-    torch.testing.assert_close(short.token_states, full.token_states[:, :20])  # causal attention
+    torch.testing.assert_close(short.tokens, full.tokens[:, :20])  # causal attention
     torch.testing.assert_close(short.pooled, full.pooled)
     with pytest.raises(ValueError, match="L<=77"):
         encoder(torch.zeros(1, 78, dtype=torch.long))
@@ -86,23 +87,23 @@ def test_shorter_token_batches_match_a_prefix_of_the_full_context() -> None:
 def test_null_embedding_is_the_empty_prompt_and_cached_when_frozen() -> None:
     encoder = tiny()
     null = encoder.null_embedding()
-    torch.testing.assert_close(null.token_states, encoder.encode([""]).token_states, rtol=0, atol=0)
+    torch.testing.assert_close(null.tokens, encoder.encode([""]).tokens, rtol=0, atol=0)
     torch.testing.assert_close(null.pooled, encoder.encode([""]).pooled, rtol=0, atol=0)
-    assert encoder.null_embedding().token_states.data_ptr() == null.token_states.data_ptr()  # cached
+    assert encoder.null_embedding().tokens.data_ptr() == null.tokens.data_ptr()  # cached
     batch = encoder.null_embedding(4)
-    assert batch.token_states.shape == (4, 77, 64) and torch.equal(batch.token_states[3], null.token_states[0])
+    assert batch.tokens.shape == (4, 77, 64) and torch.equal(batch.tokens[3], null.tokens[0])
     other = tiny()  # other random weights: loading them must drop the cache
     encoder.load_state_dict(other.state_dict())
-    torch.testing.assert_close(encoder.null_embedding().token_states, other.null_embedding().token_states)
+    torch.testing.assert_close(encoder.null_embedding().tokens, other.null_embedding().tokens)
 
 
 def test_null_embedding_is_recomputed_and_differentiable_when_trainable() -> None:
     encoder = tiny(freeze=False, trainable_layers=-1)
     first = encoder.null_embedding()
-    assert first.token_states.requires_grad
+    assert first.tokens.requires_grad
     with torch.no_grad():
         encoder.text.ln_final.bias.add_(1.0)
-    assert not torch.allclose(encoder.null_embedding().token_states, first.token_states)
+    assert not torch.allclose(encoder.null_embedding().tokens, first.tokens)
 
 
 def test_truncation_warns_once_per_encoder() -> None:
@@ -134,7 +135,7 @@ def test_frozen_stays_frozen() -> None:
     assert not any(m.training for m in encoder.modules())
     assert not any(p.requires_grad for p in encoder.parameters())
     out = encoder.encode(["a cat"])
-    assert not out.token_states.requires_grad and not out.pooled.requires_grad
+    assert not out.tokens.requires_grad and not out.pooled.requires_grad
 
 
 def test_trainable_last_block() -> None:
@@ -144,7 +145,7 @@ def test_trainable_last_block() -> None:
     expected = {n for n, _ in encoder.named_parameters() if n.startswith(("text.transformer.resblocks.1.", "text.ln_final."))}
     assert trainable == expected and expected
     out = encoder.encode(["a cat"])
-    (out.token_states.sum() + out.pooled.sum()).backward()
+    (out.tokens.sum() + out.pooled.sum()).backward()
     assert all(p.grad is not None for n, p in encoder.named_parameters() if n in trainable)
     assert all(p.grad is None for n, p in encoder.named_parameters() if n not in trainable)
 
@@ -172,7 +173,7 @@ def test_load_local_state_dict(tmp_path: Path, fmt: str) -> None:
     save_file(state, path) if fmt.endswith(".safetensors") else torch.save(state, path)
     loaded = OpenCLIPTextEncoder(TINY, pretrained=str(path))
     a, b = source.encode(PROMPTS), loaded.encode(PROMPTS)
-    torch.testing.assert_close(a.token_states, b.token_states, rtol=0, atol=0)
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
     torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
 
 
@@ -181,7 +182,7 @@ def test_shorter_context_keeps_first_positions(clip_checkpoint) -> None:
     full = OpenCLIPTextEncoder(TINY, pretrained=str(path))
     short = OpenCLIPTextEncoder(TINY, pretrained=str(path), context_length=32)
     assert short.tokenize(["a cat"]).shape == (1, 32)
-    torch.testing.assert_close(short.encode(["a cat"]).token_states, full.encode(["a cat"]).token_states[:, :32])
+    torch.testing.assert_close(short.encode(["a cat"]).tokens, full.encode(["a cat"]).tokens[:, :32])
 
 
 def test_missing_local_file_and_wrong_checkpoint(tmp_path: Path) -> None:
@@ -272,4 +273,4 @@ def test_vit_h14_text_tower_random_init() -> None:
     assert 350e6 < params < 358e6  # text tower only; the visual tower would add ~630 M
     assert (encoder.width, encoder.pooled_dim, encoder.context_length) == (1024, 1024, 77)
     out = encoder.encode(["a photo of a cat"])
-    assert out.token_states.shape == (1, 77, 1024) and out.pooled.shape == (1, 1024)
+    assert out.tokens.shape == (1, 77, 1024) and out.pooled.shape == (1, 1024)

@@ -139,7 +139,7 @@ def test_stage2_trains_on_the_stage1_export(trained: Path, tmp_path: Path, shape
     assert not any(k.startswith("autoencoder.") for k in ckpt["state_dict"])
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
     assert ema["num_updates"] == 60 and set(ema["state_dict"]) == {
-        k.removeprefix("unet.") for k in ckpt["state_dict"] if k.startswith("unet.")}
+        k.removeprefix("backbone.") for k in ckpt["state_dict"] if k.startswith("backbone.")}
 
 
 def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path, shapes_root: Path) -> None:

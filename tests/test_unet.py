@@ -15,7 +15,7 @@ from ldm.models.embeddings import TimestepEmbedding, timestep_embedding
 from ldm.models.unet.blocks import SpatialTransformer, heads_for
 from ldm.models.unet.unet import UNet
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "backbone"
 # Preset -> (parameter count, latent size, context width).
 PRESETS = {"sd2": (865_910_724, 64, 1024), "base": (156_770_884, 32, 1024), "tiny": (1_077_572, 8, 64)}
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> UNet:
-    cfg = OmegaConf.load(CONF / "tiny.yaml")
+    cfg = OmegaConf.load(CONF / "unet_tiny.yaml")
     return hydra.utils.instantiate(cfg, **overrides)
 
 
@@ -55,12 +55,12 @@ def test_presets_on_meta_device(name: str) -> None:
     """Every preset builds from its YAML, has the documented size and maps latents to latents (shapes only)."""
     n_params, size, context_dim = PRESETS[name]
     with torch.device("meta"):
-        model = hydra.utils.instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+        model = hydra.utils.instantiate(OmegaConf.load(CONF / f"unet_{name}.yaml"))
         assert sum(p.numel() for p in model.parameters()) == n_params
         out = model(torch.randn(2, 4, size, size), torch.rand(2), torch.randn(2, 77, context_dim))
     assert out.shape == (2, 4, size, size)
     assert isinstance(model, UNet)
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"unet_{name}.yaml"))
     cfg.pop("_target_")
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()} == model.config
 

@@ -18,7 +18,7 @@ from ldm.models.unet.convert import (
 )
 from ldm.models.unet.unet import UNet
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "backbone"
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 # stabilityai/stable-diffusion-2 unet/config.json (the entries that differ from diffusers' defaults).
@@ -104,7 +104,7 @@ def test_gradients_match() -> None:
 
 def test_sd2_config_gives_the_sd2_preset_and_parameter_count() -> None:
     kwargs = unet_kwargs_from_diffusers_config(SD2_CONFIG)
-    preset = OmegaConf.to_container(OmegaConf.load(CONF / "sd2.yaml"))
+    preset = OmegaConf.to_container(OmegaConf.load(CONF / "unet_sd2.yaml"))
     preset.pop("_target_")
     preset.pop("gradient_checkpointing")
     assert kwargs == {k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()}

@@ -26,7 +26,7 @@ class EMA(L.Callback):
     "EMA weights".
     """
 
-    def __init__(self, attribute: str = "unet", decay: float = 0.9999, start_step: int = 0,
+    def __init__(self, attribute: str = "backbone", decay: float = 0.9999, start_step: int = 0,
                  every_n_steps: int = 1, warmup: bool = True, validate_with_ema: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")

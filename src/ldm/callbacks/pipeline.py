@@ -16,18 +16,18 @@ from ldm.inference.pipeline import LatentDiffusionPipeline
 @contextmanager
 def training_pipeline(trainer: L.Trainer, pl_module: L.LightningModule, use_ema: bool = True,
                       resolution: int | None = None) -> Iterator[LatentDiffusionPipeline]:
-    """A pipeline over the module's own UNet, text encoder and autoencoder; inside the block the UNet is in eval
+    """A pipeline over the module's own backbone, text encoder and autoencoder; inside the block the backbone is in eval
     mode and, with `use_ema` and an EMA callback in the run, holds the EMA weights. Both are restored after."""
-    ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "unet"), None)
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.attribute == "backbone"), None)
     resolution = resolution or getattr(getattr(trainer, "datamodule", None), "resolution", None)
-    was_training = pl_module.unet.training
-    pl_module.unet.eval()
+    was_training = pl_module.backbone.training
+    pl_module.backbone.eval()
     try:
         with ema.averaged(pl_module) if ema is not None and use_ema else nullcontext():
-            yield LatentDiffusionPipeline(pl_module.unet, pl_module.text_encoder, pl_module.autoencoder,
+            yield LatentDiffusionPipeline(pl_module.backbone, pl_module.text_encoder, pl_module.autoencoder,
                                           pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
     finally:
-        pl_module.unet.train(was_training)
+        pl_module.backbone.train(was_training)
 
 
 class SamplingCallback(L.Callback):

@@ -1,7 +1,7 @@
 """DenoisingLoss: lambda(SNR) c_out^2 ||F(c_in x, c_noise) - F_target||^2 (Karras et al. 2022, Eq. 8), computed in VP
 form so that a zero terminal SNR (Lin et al. 2023) never puts an infinite VE sigma into the arithmetic."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ class DenoisingLoss:
         self,
         model_fn: ModelFn,
         x0: Tensor,
-        context: Tensor | None = None,
+        cond: Any = None,
         *,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
@@ -66,7 +66,7 @@ class DenoisingLoss:
         eps = offset_noise(noise, self.offset_noise, generator)  # (B, C, H, W), also the target's noise
         x = alpha * x0 + sigma * perturb_noise(eps, self.input_perturbation, generator)  # (B, C, H, W)
         c_in = self.parameterization.scalings_vp(alpha, sigma)[2]
-        output = model_fn(c_in * x, self.parameterization.c_noise(level.logsnr), context)
+        output = model_fn(c_in * x, self.parameterization.c_noise(level.logsnr), cond)
         target = self.parameterization.target(x0, eps, alpha, sigma)
         weight = self.weighting(level.logsnr, self.parameterization)  # (B,) lambda * c_out^2
         loss = weight * (output.float() - target.float()).pow(2).flatten(1).mean(1)

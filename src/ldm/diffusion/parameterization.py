@@ -1,9 +1,11 @@
 """Network parameterizations as preconditioning D = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Eq. 7 and
-Table 1): eps (Ho et al. 2020), v (Salimans & Ho 2022), x0 and EDM, each in VE form for samplers and VP form for
-training, plus exact eps / x0 / v conversions in VP form (x = alpha x0 + sigma eps, v = alpha eps - sigma x0)."""
+Table 1): eps (Ho et al. 2020), v (Salimans & Ho 2022), x0, EDM and the rectified-flow velocity (Esser et al. 2024),
+each in VE form for samplers and VP form for training, plus exact eps / x0 / v conversions in VP form
+(x = alpha x0 + sigma eps, v = alpha eps - sigma x0)."""
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +13,9 @@ from torch.nn.functional import softplus
 
 from ldm.diffusion.schedules import NoiseSchedule, logsnr_from_sigma
 
-ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (c_in * x, c_noise, context) -> raw output F
+# (c_in * x, c_noise, cond) -> raw output F. `cond` is whatever the network reads (a backbone's Conditioning); this
+# module passes it through untouched.
+ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -168,6 +172,38 @@ class EDMPrecond(Parameterization):
         return log_sd2 - softplus(logsnr + log_sd2)  # c_out^2 = sigma_data^2 / (1 + SNR sigma_data^2)
 
 
+class FlowPrediction(Parameterization):
+    """F predicts the rectified-flow velocity eps - x0 from x_t = (1 - t) x0 + t eps (Liu et al. 2022; Esser et al.
+    2024): D = x_t - t F. With t = sigma / (1 + sigma) and x_t = x / (1 + sigma) in VE form, and x_t = x / (alpha +
+    sigma) in VP form (t = sigma / (alpha + sigma)); finite at every SNR, 0 and inf included.
+
+    Args:
+        timestep_scale: c_noise = t * timestep_scale, t the actual (shifted) noise level; 1000 is SD3's and Flux's
+            timestep, 1 the bare t.
+    """
+
+    def __init__(self, timestep_scale: float = 1000.0):
+        super().__init__(None)
+        self.timestep_scale = timestep_scale
+
+    def c_noise(self, logsnr: Tensor) -> Tensor:
+        return torch.sigmoid(-logsnr / 2) * self.timestep_scale  # t = 1 / (1 + sqrt(SNR))
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c_in = 1 / (1 + sigma)  # 1 - t; 0 at sigma = inf
+        return c_in, -1 / (1 + 1 / sigma), c_in  # c_out = -t, written to be -1 at sigma = inf and 0 at 0
+
+    def scalings_vp(self, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c_in = 1 / (alpha + sigma)  # alpha + sigma >= 1 on the VP circle
+        return c_in, -sigma * c_in, c_in
+
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return eps - x0
+
+    def log_c_out_squared(self, logsnr: Tensor) -> Tensor:
+        return -2 * softplus(logsnr / 2)  # c_out^2 = t^2 = sigmoid(-logsnr / 2)^2
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The denoiser D(x, sigma) that samplers see (VE form, the k-diffusion / EDM currency).
 
@@ -177,21 +213,21 @@ def denoise(
     parameterization: Parameterization,
     x: Tensor,
     sigma: Tensor,
-    context: Tensor | None = None,
+    cond: Any = None,
 ) -> Tensor:
-    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, context) (Karras et al. 2022, Eq. 7); sigma is VE, (B,)."""
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, cond) (Karras et al. 2022, Eq. 7); sigma is VE, (B,)."""
     c_skip, c_out, c_in, c_noise = parameterization(sigma)
     c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in (c_skip, c_out, c_in))
-    return c_skip * x + c_out * model_fn(c_in * x, c_noise, context)
+    return c_skip * x + c_out * model_fn(c_in * x, c_noise, cond)
 
 
 class Denoiser(nn.Module):
-    """Wraps a raw network F(x, c_noise, context) as D(x, sigma, context) -> denoised."""
+    """Wraps a raw network F(x, c_noise, cond) as D(x, sigma, cond) -> denoised."""
 
     def __init__(self, model: ModelFn, parameterization: Parameterization):
         super().__init__()
         self.model = model  # registered as a submodule when it is an nn.Module
         self.parameterization = parameterization
 
-    def forward(self, x: Tensor, sigma: Tensor, context: Tensor | None = None) -> Tensor:
-        return denoise(self.model, self.parameterization, x, sigma, context)
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        return denoise(self.model, self.parameterization, x, sigma, cond)

@@ -1,8 +1,8 @@
 """Rebuild a LatentDiffusionPipeline from a stage-2 training checkpoint (plus the resolved config train.py writes
-beside it) or from an exported folder, with the EMA or the raw UNet weights; and write such an export.
+beside it) or from an exported folder, with the EMA or the raw backbone weights; and write such an export.
 
-Export layout (`export_pipeline`): `pipeline.yaml` (the parts' configs, the resolution, which weights), the UNet as
-`unet.safetensors`, the text encoder as `text_encoder.safetensors` when no pretrained file can rebuild it, and the
+Export layout (`export_pipeline`): `pipeline.yaml` (the parts' configs, the resolution, which weights), the backbone as
+`backbone.safetensors` (`unet.safetensors` in exports written before the backbone contract), the text encoder as `text_encoder.safetensors` when no pretrained file can rebuild it, and the
 stage-1 export under `autoencoder/`. Like `cli/train.build`, this module turns configs into objects.
 """
 
@@ -25,12 +25,14 @@ from ldm.models.autoencoder.export import (
     export_autoencoder,
     weights_hash,
 )
+from ldm.utils.checkpoint import upgrade_model_config, upgrade_stage2_checkpoint
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
 RESOLVED_CONFIG = "config_resolved.yaml"
-EXPORT_CARD, UNET_FILE, TEXT_FILE, AUTOENCODER_DIR = "pipeline.yaml", "unet.safetensors", "text_encoder.safetensors", \
-    "autoencoder"
+EXPORT_CARD, BACKBONE_FILE, TEXT_FILE, AUTOENCODER_DIR = "pipeline.yaml", "backbone.safetensors", \
+    "text_encoder.safetensors", "autoencoder"
+OLD_BACKBONE_FILE = "unet.safetensors"
 
 
 def find_run_config(ckpt: Path) -> Path:
@@ -42,7 +44,7 @@ def find_run_config(ckpt: Path) -> Path:
                             "the run folder. Pass config=<that file>, or sample from an export instead.")
 
 
-def ema_state(ckpt: dict[str, Any], attribute: str = "unet") -> tuple[dict[str, torch.Tensor], int] | None:
+def ema_state(ckpt: dict[str, Any], attribute: str = "backbone") -> tuple[dict[str, torch.Tensor], int] | None:
     """The EMA callback's (state dict, number of updates) of `attribute` in a Lightning checkpoint, if any."""
     for state in ckpt.get("callbacks", {}).values():
         if isinstance(state, dict) and state.get("attribute") == attribute and "state_dict" in state:
@@ -99,7 +101,7 @@ def _relocated(recorded: Path, run_config: Path | None) -> Path | None:
 
 def _load_lightning(path: Path, config: Path | None, ema: bool | None
                     ) -> tuple[DictConfig, dict, dict | None, str, Path, str | None]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = upgrade_stage2_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
     meta = ckpt.get("ldm", {})
     if meta.get("stage") != "diffusion":
         raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm "
@@ -107,15 +109,15 @@ def _load_lightning(path: Path, config: Path | None, ema: bool | None
     run_config = config or find_run_config(path)
     cfg = OmegaConf.load(run_config)
     state = ckpt["state_dict"]
-    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     text = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")} or None
     averaged = ema_state(ckpt)
     if ema and averaged is None:
         raise ValueError(f"{path} holds no EMA weights (the run had no `ema` callback); pass ema=false for the raw ones.")
     weights = "raw"
     if averaged is not None and ema is not False:
-        unet, weights = averaged[0], f"ema ({averaged[1]} updates)"
-    return cfg.model, {"unet": unet, "text_encoder": text}, cfg.get("data"), weights, run_config, \
+        backbone, weights = averaged[0], f"ema ({averaged[1]} updates)"
+    return upgrade_model_config(cfg.model), {"backbone": backbone, "text_encoder": text}, cfg.get("data"), weights, run_config, \
         meta.get("autoencoder_sha256")
 
 
@@ -137,8 +139,10 @@ def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Pa
         card = OmegaConf.load(path / EXPORT_CARD) if (path / EXPORT_CARD).is_file() else None
         if card is None:
             raise FileNotFoundError(f"{path} is a folder without {EXPORT_CARD}: not an ldm pipeline export.")
-        model_cfg, data_cfg, weights = card.model, {"resolution": card.resolution}, str(card.weights)
-        states = {"unet": load_file(str(path / UNET_FILE)),
+        model_cfg, data_cfg, weights = upgrade_model_config(card.model), {"resolution": card.resolution}, \
+            str(card.weights)
+        backbone_file = path / (BACKBONE_FILE if (path / BACKBONE_FILE).is_file() else OLD_BACKBONE_FILE)
+        states = {"backbone": load_file(str(backbone_file)),
                   "text_encoder": load_file(str(path / TEXT_FILE)) if (path / TEXT_FILE).is_file() else None}
         model_cfg.autoencoder.path = str(path / AUTOENCODER_DIR)
         run_config, trained_with = None, card.get("autoencoder_sha256")
@@ -148,26 +152,26 @@ def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Pa
     autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder,
                               resolution=(data_cfg or {}).get("resolution"))
-    _load_part(pipeline.unet, states["unet"], "UNet", path)
+    _load_part(pipeline.backbone, states["backbone"], "backbone", path)
     if states["text_encoder"] is not None:
         _load_part(pipeline.text_encoder, states["text_encoder"], "text encoder", path)
     elif not pipeline.text_encoder.rebuildable:
         raise ValueError(f"{path} has no text-encoder weights and its config has none to load (pretrained=null).")
     pipeline.weights = weights
-    log.info(f"Loaded {path} ({weights} UNet weights)")
+    log.info(f"Loaded {path} ({weights} {type(pipeline.backbone).__name__} weights)")
     return pipeline.eval().requires_grad_(False).to(device)
 
 
 def build_pipeline(model_cfg: DictConfig, *, autoencoder: str | Path | None = None,
                    resolution: int | None = None) -> LatentDiffusionPipeline:
-    """The parts of a stage-2 model config (`model.unet`, `.text_encoder`, `.autoencoder`, `.loss.schedule`,
+    """The parts of a stage-2 model config (`model.backbone`, `.text_encoder`, `.autoencoder`, `.loss.schedule`,
     `.loss.parameterization`), without the optimizer or the Lightning module."""
     ae_cfg = OmegaConf.merge(model_cfg.autoencoder, {"path": str(autoencoder)} if autoencoder else {})
     if not Path(ae_cfg.path).exists():
         raise FileNotFoundError(f"The autoencoder this model was trained with, {ae_cfg.path}, is missing; pass "
                                 "autoencoder=<stage-1 export folder>.")
     return LatentDiffusionPipeline(
-        unet=hydra.utils.instantiate(model_cfg.unet),
+        backbone=hydra.utils.instantiate(model_cfg.backbone),
         text_encoder=hydra.utils.instantiate(model_cfg.text_encoder),
         autoencoder=hydra.utils.instantiate(ae_cfg),
         schedule=hydra.utils.instantiate(model_cfg.loss.schedule),
@@ -193,13 +197,13 @@ def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None =
     autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder)  # checks that every part loads
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in states["unet"].items()}, str(out / UNET_FILE))
+    save_file({k: v.contiguous() for k, v in states["backbone"].items()}, str(out / BACKBONE_FILE))
     if states["text_encoder"] is not None:
         save_file({k: v.contiguous() for k, v in states["text_encoder"].items()}, str(out / TEXT_FILE))
     if (out / AUTOENCODER_DIR).exists():
         shutil.rmtree(out / AUTOENCODER_DIR)
     export_autoencoder(pipeline.autoencoder, out / AUTOENCODER_DIR)
-    parts = {k: model_cfg[k] for k in ("unet", "text_encoder", "autoencoder")}
+    parts = {k: model_cfg[k] for k in ("backbone", "text_encoder", "autoencoder")}
     parts["autoencoder"] = OmegaConf.merge(parts["autoencoder"], {"path": AUTOENCODER_DIR})
     parts["loss"] = {"schedule": model_cfg.loss.schedule, "parameterization": model_cfg.loss.parameterization}
     card = {"model": parts, "resolution": (data_cfg or {}).get("resolution"), "weights": weights,

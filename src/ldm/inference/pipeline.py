@@ -21,6 +21,7 @@ from ldm.diffusion.samplers import get_sampler
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.spacing import sampling_sigmas, strength_sigmas
 from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.backbone import Backbone, Conditioning
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -38,47 +39,48 @@ class Generation:
 
 
 class LatentDiffusionPipeline(nn.Module):
-    """The inference view of a stage-2 model: UNet + text encoder + autoencoder + the schedule it was trained on.
+    """The inference view of a stage-2 model: backbone + text encoder + autoencoder + the schedule it was trained on.
 
     Args:
         schedule: the training noise schedule; it fixes the sampling ladder's ends (and zero terminal SNR).
-        parameterization: how the UNet's output turns into a denoised estimate (eps / v / x0 / EDM).
+        parameterization: how the backbone's output turns into a denoised estimate (eps / v / x0 / EDM).
         resolution: the training image size, the default height and width.
     """
 
-    def __init__(self, unet: nn.Module, text_encoder: OpenCLIPTextEncoder, autoencoder: AutoencoderKL,
+    def __init__(self, backbone: Backbone, text_encoder: OpenCLIPTextEncoder, autoencoder: AutoencoderKL,
                  schedule: NoiseSchedule, parameterization: Parameterization, resolution: int | None = None) -> None:
         super().__init__()
         self.resolution = resolution
-        self.weights = "raw"  # which UNet weights were loaded ("ema (N updates)" / "raw"), for the records
-        self.unet, self.text_encoder, self.autoencoder = unet, text_encoder, autoencoder  # modes left as given:
+        self.weights = "raw"  # which backbone weights were loaded ("ema (N updates)" / "raw"), for the records
+        self.backbone, self.text_encoder, self.autoencoder = backbone, text_encoder, autoencoder  # modes as given:
         self.schedule, self.parameterization = schedule, parameterization  # a training callback shares the parts
-        self.denoiser = Denoiser(self.unet, parameterization)
+        self.denoiser = Denoiser(self.backbone, parameterization)
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.backbone.parameters()).device
 
     @property
     def latent_factor(self) -> int:
-        """Pixels per latent cell along each side (the autoencoder's f), times what the UNet's depth needs."""
-        return self.autoencoder.downsample_factor * getattr(self.unet, "downsampling", 1)
+        """Pixels per latent cell along each side (the autoencoder's f), times the backbone's size multiple."""
+        return self.autoencoder.downsample_factor * self.backbone.size_multiple
 
     def check_size(self, height: int, width: int) -> None:
-        """Refuse sizes the autoencoder or the UNet cannot take, naming the nearest valid ones."""
+        """Refuse sizes the autoencoder or the backbone cannot take, naming the nearest valid ones."""
         m = self.latent_factor
         if height < m or width < m or height % m or width % m:
             near = lambda v: max(m, round(v / m) * m)  # noqa: E731
             raise ValueError(
                 f"height and width must be positive multiples of {m} (autoencoder factor "
-                f"{self.autoencoder.downsample_factor} x UNet downsampling {m // self.autoencoder.downsample_factor}); "
+                f"{self.autoencoder.downsample_factor} x {type(self.backbone).__name__} size multiple "
+                f"{m // self.autoencoder.downsample_factor}); "
                 f"got {height}x{width}, try {near(height)}x{near(width)}.")
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
-    def embed(self, prompts: Sequence[str]) -> Tensor:
-        """Token states (B, L, D) of the prompts; "" is the unconditional prompt."""
-        return self.text_encoder.encode(list(prompts)).token_states.to(self.device)
+    def embed(self, prompts: Sequence[str]) -> Conditioning:
+        """The prompts' conditioning (token states (B, L, D), pooled, mask); "" is the unconditional prompt."""
+        return self.text_encoder.encode(list(prompts)).to(self.device)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -172,16 +174,16 @@ class LatentDiffusionPipeline(nn.Module):
         return self.resolution or 64 * self.autoencoder.downsample_factor
 
     # ------------------------------------------------------------------ helpers
-    def _autocast(self, denoiser: Denoiser, precision: Precision) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def _autocast(self, denoiser: Denoiser, precision: Precision) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
         if precision == "fp32":
             return denoiser
         device_type = self.device.type
 
-        def run(x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+        def run(x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
             with torch.autocast(device_type, dtype=_DTYPES[precision]):
-                return denoiser(x, sigma, context).float()
+                return denoiser(x, sigma, cond).float()
 
         return run
 

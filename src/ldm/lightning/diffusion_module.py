@@ -16,26 +16,31 @@ from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.schedules import vp_from_logsnr
 from ldm.lightning.nonfinite import NonFiniteGuard
-from ldm.lightning.sharding import full_tensor, is_sharded, shard_unet
+from ldm.lightning.sharding import full_tensor, is_sharded, shard_backbone
 from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
 from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.backbone import Conditioning, check_backbone
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
-from ldm.utils.checkpoint import check_architecture
+from ldm.utils.checkpoint import check_architecture, upgrade_stage2_checkpoint
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
-def check_compatible(autoencoder: AutoencoderKL, unet: nn.Module, text_encoder: OpenCLIPTextEncoder) -> None:
+def check_compatible(autoencoder: AutoencoderKL, backbone: nn.Module, text_encoder: OpenCLIPTextEncoder) -> None:
     """Refuse parts that cannot work together, naming the numbers that disagree."""
-    unet_cfg = getattr(unet, "config", {})
+    backbone = check_backbone(backbone)
+    name = type(backbone).__name__
     problems = []
-    if unet_cfg.get("in_channels") != autoencoder.latent_channels:
-        problems.append(f"the autoencoder has {autoencoder.latent_channels} latent channels but the UNet takes "
-                        f"in_channels={unet_cfg.get('in_channels')}")
-    if unet_cfg.get("context_dim") != text_encoder.width:
-        problems.append(f"the text encoder gives {text_encoder.width}-dim token states but the UNet's "
-                        f"context_dim={unet_cfg.get('context_dim')}")
+    if backbone.in_channels != autoencoder.latent_channels:
+        problems.append(f"the autoencoder has {autoencoder.latent_channels} latent channels but the {name} takes "
+                        f"in_channels={backbone.in_channels}")
+    if backbone.context_dim != text_encoder.width:
+        problems.append(f"the text encoder gives {text_encoder.width}-dim token states but the {name}'s "
+                        f"context_dim={backbone.context_dim}")
+    if backbone.pooled_dim is not None and backbone.pooled_dim != text_encoder.pooled_dim:
+        problems.append(f"the text encoder gives a {text_encoder.pooled_dim}-dim pooled embedding but the {name}'s "
+                        f"pooled_dim={backbone.pooled_dim}")
     if problems:
         raise ValueError("Stage-2 parts do not fit together: " + "; ".join(problems) + ".")
     if not bool(autoencoder.latent_stats_set):
@@ -43,20 +48,27 @@ def check_compatible(autoencoder: AutoencoderKL, unet: nn.Module, text_encoder: 
                          "latent_stats callback) or with scripts/export_autoencoder.py.")
 
 
+def architecture(backbone: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records of its backbone: the class and the constructor arguments that rebuild it."""
+    cls = type(backbone)
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **backbone.config}
+
+
 class DiffusionModule(L.LightningModule):
-    """Trains `unet` to denoise autoencoder latents conditioned on text token states.
+    """Trains a denoiser `backbone` (`ldm.models.backbone.Backbone`: UNet, DiT, MMDiT) on autoencoder latents,
+    conditioned on the text encoder's `Conditioning`.
 
     Args:
         cond_drop_prob: probability that a caption is replaced by the empty prompt (classifier-free guidance).
-        compile_unet: `torch.compile` the UNet's forward (first steps pay the compilation).
-        channels_last: keep UNet weights in NHWC, usually faster for convolutions on recent GPUs.
+        compile_backbone: `torch.compile` the backbone's forward (first steps pay the compilation).
+        channels_last: keep the backbone's weights in NHWC, usually faster for convolutions on recent GPUs.
         val_logsnr_bins: log-SNR values at which validation measures the x0-space error, identical for every
             schedule and parameterization so that sweeps compare on the same footing.
     """
 
     def __init__(
         self,
-        unet: nn.Module,
+        backbone: nn.Module,
         text_encoder: OpenCLIPTextEncoder,
         autoencoder: AutoencoderKL,
         loss: DenoisingLoss,
@@ -65,15 +77,15 @@ class DiffusionModule(L.LightningModule):
         cond_drop_prob: float = 0.1,
         val_logsnr_bins: Sequence[float] = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0),
         max_nonfinite_steps: int = 20,
-        compile_unet: bool = False,
+        compile_backbone: bool = False,
         compile_backend: str = "inductor",
         channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        check_compatible(autoencoder, unet, text_encoder)
-        self.unet, self.text_encoder = unet, text_encoder
+        check_compatible(autoencoder, backbone, text_encoder)
+        self.backbone, self.text_encoder = backbone, text_encoder
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         # Frozen, so hashed once: recorded in every checkpoint, so that sampling, evaluation and resuming refuse
         # another autoencoder (a moved or copied project whose config still names the original's file).
@@ -83,9 +95,9 @@ class DiffusionModule(L.LightningModule):
         self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         if channels_last:  # convolutions run NHWC; SDPA and linears are unaffected
-            self.unet.to(memory_format=torch.channels_last)
-        if compile_unet:  # in place: parameter names (and so checkpoints) stay those of the plain UNet
-            self.unet.compile(backend=compile_backend)
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile_backbone:  # in place: parameter names (and so checkpoints) stay those of the plain backbone
+            self.backbone.compile(backend=compile_backend)
 
     def train(self, mode: bool = True) -> DiffusionModule:
         super().train(mode)
@@ -93,16 +105,16 @@ class DiffusionModule(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """Under `trainer=fsdp` (FSDP2) shard the UNet over the data-parallel ranks; a no-op otherwise. The
+        """Under `trainer=fsdp` (FSDP2) shard the backbone over the data-parallel ranks; a no-op otherwise. The
         frozen autoencoder and text encoder stay whole on every rank: they take no gradients or optimizer state."""
         mesh = self._device_mesh
-        if mesh is None or is_sharded(self.unet):
+        if mesh is None or is_sharded(self.backbone):
             return
-        trainable = [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("unet.")]
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         if trainable:  # their gradients would never be reduced across ranks
-            raise ValueError(f"trainer=fsdp shards only the UNet, but {trainable[:3]} also train; freeze them or "
-                             "use trainer=ddp.")
-        shard_unet(self.unet, mesh["data_parallel"])
+            raise ValueError(f"trainer=fsdp shards only the backbone, but {trainable[:3]} also train; freeze them "
+                             "or use trainer=ddp.")
+        shard_backbone(self.backbone, mesh["data_parallel"])
         # The checkpoint holds no autoencoder (see state_dict); Lightning's sharded loader checks keys itself and
         # would refuse that, so it loads non-strictly and the stage and architecture checks of
         # on_load_checkpoint stand guard.
@@ -123,15 +135,13 @@ class DiffusionModule(L.LightningModule):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.autoencoder.normalize(mean + std * eps)
 
-    def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Tensor, Tensor]:
-        """Token states (B, L, D), with each caption replaced by the empty prompt with `drop_prob`."""
-        context = self.text_encoder.encode(list(captions)).token_states.to(self.device)
+    def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Conditioning, Tensor]:
+        """The captions' conditioning, each caption replaced by the empty prompt with `drop_prob`; and which were."""
+        cond = self.text_encoder.encode(list(captions)).to(self.device)
         if drop_prob == 0:  # draws nothing: validation must not move the global RNG (exact resume)
-            return context, torch.zeros(len(captions), dtype=torch.bool, device=self.device)
+            return cond, torch.zeros(len(captions), dtype=torch.bool, device=self.device)
         drop = torch.rand(len(captions), device=self.device) < drop_prob
-        null = self.text_encoder.null_embedding(1).token_states.to(device=self.device, dtype=context.dtype)
-        context = torch.where(drop[:, None, None], null, context)
-        return context, drop
+        return cond.where(~drop, self.text_encoder.null_embedding(1)), drop
 
     def on_fit_start(self) -> None:
         card = getattr(getattr(self.trainer, "datamodule", None), "cache_card", None)
@@ -141,8 +151,8 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         z = self.latents(batch)  # (B, c, H/f, W/f)
-        context, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
-        out = self.loss(self.unet, z, context)
+        cond, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
+        out = self.loss(self.backbone, z, cond)
         loss = out.loss.mean()
         if not self.guard.all_finite(self.trainer.strategy, loss):
             return None  # every rank skips together (the guard reduces the flag across ranks)
@@ -180,9 +190,9 @@ class DiffusionModule(L.LightningModule):
         # resumed from a checkpoint continues with the random stream of an uninterrupted one.
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         z = self.latents(batch, generator)
-        context, _ = self.embed_captions(batch["caption"])
+        cond, _ = self.embed_captions(batch["caption"])
         bs = z.shape[0]
-        self.log("val/loss", self.loss(self.unet, z, context, generator=generator).loss.mean(), sync_dist=True,
+        self.log("val/loss", self.loss(self.backbone, z, cond, generator=generator).loss.mean(), sync_dist=True,
                  batch_size=bs)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         param = self.loss.parameterization
@@ -191,7 +201,7 @@ class DiffusionModule(L.LightningModule):
             alpha, sigma = (c.view(-1, 1, 1, 1).to(z.dtype) for c in vp_from_logsnr(logsnr))
             x = alpha * z + sigma * noise
             c_skip, c_out, c_in = param.scalings_vp(alpha, sigma)
-            denoised = c_skip * x + c_out * self.unet(c_in * x, param.c_noise(logsnr), context)
+            denoised = c_skip * x + c_out * self.backbone(c_in * x, param.c_noise(logsnr), cond)
             self.log(f"val/x0_mse_logsnr_{b:+.0f}", (denoised - z).square().mean(), sync_dist=True, batch_size=bs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -213,17 +223,17 @@ class DiffusionModule(L.LightningModule):
         return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ldm"] = {"stage": "diffusion", "unet": dict(getattr(self.unet, "config", {})),
+        checkpoint["ldm"] = {"stage": "diffusion", "backbone": architecture(self.backbone),
                              "autoencoder": self.autoencoder.config,
                              "latent_scale": float(self.autoencoder.latent_scale),
                              "autoencoder_sha256": self.autoencoder_sha256,
                              "nonfinite": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("ldm", {})
+        meta = upgrade_stage2_checkpoint(checkpoint).get("ldm", {})
         if meta.get("stage", "diffusion") != "diffusion":
             raise ValueError(f"This is a {meta['stage']!r} checkpoint; stage 2 resumes only diffusion checkpoints.")
-        check_architecture(meta.get("unet"), dict(getattr(self.unet, "config", {})), "UNet")
+        check_architecture(meta.get("backbone"), architecture(self.backbone), "backbone")
         trained_with = meta.get("autoencoder_sha256")  # absent in checkpoints from before it was recorded
         if trained_with is not None and trained_with != self.autoencoder_sha256:
             raise autoencoder_mismatch(trained_with, self.autoencoder_sha256, "model.autoencoder.path")

@@ -1,11 +1,11 @@
-"""Fully sharded data parallel training (FSDP2, `torch.distributed.fsdp.fully_shard`) for UNets whose weights,
+"""Fully sharded data parallel training (FSDP2, `torch.distributed.fsdp.fully_shard`) for backbones whose weights,
 gradients and optimizer state do not fit one GPU beside the activations.
 
 Why not Lightning's `FSDPStrategy`: it wraps the whole LightningModule in FSDP1, whose flat parameters make the
 UNet's own parameters unusable outside the root forward (the EMA, sampling and evaluation callbacks call
-`pl_module.unet` directly) and which refuses to run without CUDA, so nothing of it could be tested on CPU.
+`pl_module.backbone` directly) and which refuses to run without CUDA, so nothing of it could be tested on CPU.
 FSDP2 keeps every parameter a `DTensor` under its own name, so the EMA is elementwise per shard, checkpoints keep
-the plain UNet's keys, and the same code path runs on CPU with gloo (`trainer=fsdp_cpu`) in the tests.
+the plain backbone's keys, and the same code path runs on CPU with gloo (`trainer=fsdp_cpu`) in the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ldm.models.unet.blocks import ResBlock, SpatialTransformer
+from ldm.models.backbone import Backbone
 
 
 class FSDPStrategy(ModelParallelStrategy):
@@ -38,16 +38,15 @@ class FSDPStrategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def shard_unet(unet: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard `unet` in place: each ResBlock and transformer is its own unit (its weights are gathered just for
-    its forward and backward), the remaining layers (stem, time embedding, resamplers, head) form the root unit."""
+def shard_backbone(backbone: Backbone, mesh: DeviceMesh, reshard_after_forward: bool = True) -> Backbone:
+    """Shard `backbone` in place: each of its `blocks()` is its own unit (its weights are gathered just for its
+    forward and backward), the remaining layers (stem, embeddings, resamplers, head) form the root unit."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in unet.modules():
-        if isinstance(module, (ResBlock, SpatialTransformer)):
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return unet
+    for block in backbone.blocks():
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(backbone, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return backbone
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -56,3 +56,30 @@ def check_architecture(saved: Mapping[str, Any] | None, current: Mapping[str, An
             f"(checkpoint -> config): {'; '.join(diff)}. Use the config the checkpoint was trained with, "
             "or start a fresh run."
         )
+
+
+def upgrade_stage2_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before the backbone contract call the denoiser `unet`; rename it `backbone` in place
+    (weights, architecture record, EMA), so that they resume, sample and evaluate as before."""
+    state = ckpt.get("state_dict") or {}
+    if any(k.startswith("unet.") for k in state):
+        ckpt["state_dict"] = {f"backbone.{k[5:]}" if k.startswith("unet.") else k: v for k, v in state.items()}
+    meta = ckpt.get("ldm") or {}
+    if "unet" in meta:
+        meta.setdefault("backbone", {"_target_": "ldm.models.unet.unet.UNet", **meta.pop("unet")})
+    for callback_state in (ckpt.get("callbacks") or {}).values():
+        if isinstance(callback_state, dict) and callback_state.get("attribute") == "unet":
+            callback_state["attribute"] = "backbone"
+    return ckpt
+
+
+def upgrade_model_config(model_cfg: Any) -> Any:
+    """The same rename in a stage-2 run's `model` config (`model.unet` -> `model.backbone`), in place."""
+    from omegaconf import open_dict
+
+    with open_dict(model_cfg):
+        if "unet" in model_cfg and "backbone" not in model_cfg:
+            model_cfg.backbone = model_cfg.pop("unet")
+        if "compile_unet" in model_cfg:
+            model_cfg.compile_backbone = model_cfg.pop("compile_unet")
+    return model_cfg

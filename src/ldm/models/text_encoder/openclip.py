@@ -10,7 +10,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 from urllib.parse import urlparse
 from urllib.request import getproxies, proxy_bypass
 
@@ -20,6 +20,7 @@ from open_clip.model import _build_text_tower  # builds the text tower alone: no
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+from ldm.models.backbone import Conditioning
 from ldm.utils.hub_weights import PROBE_TIMEOUT_S, WeightsFileNotFound, WeightsUnavailable, hub_reachable
 
 Layer = Literal["last", "penultimate"]
@@ -28,18 +29,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # ships `ldm-tiny-text
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's preference
 PRETRAINED_KEY = "model.text_encoder.pretrained"
 _registered_config_dirs: set[str] = set()
-
-
-class TextEncoding(NamedTuple):
-    """What the text encoder returns for a batch of prompts."""
-
-    token_states: Tensor  # (B, L, D) cross-attention context
-    pooled: Tensor  # (B, P) EOT state of the last layer, projected: open_clip's `encode_text`
-    mask: Tensor  # (B, L) bool, True from SOT to EOT; SD 2.x ignores it and attends to all L positions
-
-    def expand(self, batch_size: int) -> TextEncoding:
-        """A batch-1 encoding repeated `batch_size` times (views, no copies)."""
-        return TextEncoding(*(t.expand(batch_size, *t.shape[1:]) for t in self))
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -95,7 +84,7 @@ class OpenCLIPTextEncoder(nn.Module):
         self._grad_from = set_trainable(self.text, freeze, trainable_layers)  # first block that trains
         self._tokenizer = open_clip.get_tokenizer(model_name, context_length=self.context_length)
         self._warned_truncation = False
-        self._null: TextEncoding | None = None  # cached "" encoding of a frozen encoder
+        self._null: Conditioning | None = None  # cached "" encoding of a frozen encoder
         self._null_key: tuple[torch.device, torch.dtype] | None = None
         self.register_load_state_dict_post_hook(_drop_null_cache)
         self.train(not freeze)
@@ -142,18 +131,18 @@ class OpenCLIPTextEncoder(nn.Module):
         self._warn_truncation(int(truncated.sum()), len(prompts))
         return self._tokenizer(prompts, context_length=n)  # open_clip's own truncation (ends with EOT)
 
-    def encode(self, prompts: Sequence[str]) -> TextEncoding:
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
         """Tokenize and encode; "" is the unconditional prompt."""
         return self(self.tokenize(prompts).to(self.text.token_embedding.weight.device))
 
-    def forward(self, tokens: Tensor) -> TextEncoding:
+    def forward(self, tokens: Tensor) -> Conditioning:
         """Encode token ids (B, L <= context_length)."""
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"expected tokens of shape (B, L<={self.context_length}), got {tuple(tokens.shape)}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             return self._encode_tokens(tokens)
 
-    def null_embedding(self, batch_size: int = 1) -> TextEncoding:
+    def null_embedding(self, batch_size: int = 1) -> Conditioning:
         """Encoding of "", the unconditional input of classifier-free guidance (Ho & Salimans, 2022)."""
         if not self.freeze:  # weights move during training: recompute, with gradients when enabled
             return self.encode([""]).expand(batch_size)
@@ -162,7 +151,7 @@ class OpenCLIPTextEncoder(nn.Module):
             self._null, self._null_key = self.encode([""]), (weight.device, weight.dtype)
         return self._null.expand(batch_size)
 
-    def _encode_tokens(self, tokens: Tensor) -> TextEncoding:
+    def _encode_tokens(self, tokens: Tensor) -> Conditioning:
         text, n = self.text, tokens.shape[1]
         blocks = text.transformer.resblocks
         grad = torch.is_grad_enabled()
@@ -178,7 +167,9 @@ class OpenCLIPTextEncoder(nn.Module):
                 x = block(x, attn_mask=attn_mask)  # (B, L, D), batch-first in open_clip 3.x
         final = text.ln_final(x)
         states = final if self.layer == "last" else text.ln_final(penultimate)
-        return TextEncoding(states, self._pool(final, tokens), tokens != text.pad_id)
+        # tokens (B, L, D); pooled (B, P): the EOT state of the last layer, projected (open_clip's `encode_text`);
+        # mask (B, L): True from SOT to EOT (SD 2.x ignores it and attends to all L positions)
+        return Conditioning(states, self._pool(final, tokens), tokens != text.pad_id)
 
     def _pool(self, final: Tensor, tokens: Tensor) -> Tensor:
         pooled = text_global_pool(final, tokens, self.text.pool_type, eos_token_id=self.text.eos_id)  # (B, D)

@@ -8,7 +8,7 @@ A real SD 2.x UNet is the `unet/` folder of a diffusers repo such as `stabilitya
 
 or by hand, from any diffusers state dict and config:
 
-    kwargs = unet_kwargs_from_diffusers_config(config)             # for SD 2.x: conf/model/unet/sd2.yaml
+    kwargs = unet_kwargs_from_diffusers_config(config)             # for SD 2.x: conf/model/backbone/unet_sd2.yaml
     model = UNet(**kwargs)
     model.load_state_dict(convert_diffusers_unet(state_dict), strict=True)
 

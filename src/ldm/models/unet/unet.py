@@ -1,7 +1,7 @@
 """The Stable Diffusion UNet: a timestep-conditioned convolutional UNet with spatial transformers that cross-attend
 to text tokens (Rombach et al., 2022, arXiv:2112.10752; ADM backbone of Dhariwal & Nichol, 2021).
 
-`UNet(x, c_noise, context)` returns the raw network output; what it means (eps, v, F of EDM) is decided by the
+`UNet(x, c_noise, cond)` returns the raw network output; what it means (eps, v, F of EDM) is decided by the
 parameterization that wraps it. Diffusers / SD 2.x weights load through `ldm.models.unet.convert`.
 """
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.backbone import Conditioning
 from ldm.models.embeddings import TimestepEmbedding
 from ldm.models.unet.blocks import Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample
 
@@ -38,7 +39,8 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """x (B, C_in, H, W), c_noise (B,) or (), context (B, L, context_dim) -> (B, C_out, H, W).
+    """x (B, C_in, H, W), c_noise (B,) or (), cond (tokens (B, L, context_dim)) -> (B, C_out, H, W); implements
+    `ldm.models.backbone.Backbone`.
 
     Args:
         channel_mult: width of each level as a multiple of `model_channels`; H and W must be divisible by
@@ -73,6 +75,10 @@ class UNet(nn.Module):
         )
         self.gradient_checkpointing = gradient_checkpointing
         self.downsampling = 2 ** (len(channel_mult) - 1)
+        # the backbone contract (ldm.models.backbone.Backbone)
+        self.in_channels, self.out_channels, self.context_dim = in_channels, out_channels, context_dim
+        self.pooled_dim: int | None = None  # token states only, as SD
+        self.size_multiple = self.downsampling
         emb_dim = 4 * model_channels
 
         def res(i: int, o: int) -> ResBlock:
@@ -119,6 +125,10 @@ class UNet(nn.Module):
         """The constructor arguments: `UNet(**unet.config)` builds the same architecture."""
         return dict(self._config, gradient_checkpointing=self.gradient_checkpointing)
 
+    def blocks(self) -> list[nn.Module]:
+        """The ResBlocks and transformers: FSDP2 units, gradient-checkpointing units."""
+        return [m for m in self.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Zero the output of every residual branch and of the network (ADM / SD); PyTorch defaults elsewhere."""
@@ -138,7 +148,9 @@ class UNet(nn.Module):
             return checkpoint(block, h, cond, use_reentrant=False)
         return block(h, cond)
 
-    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning | Tensor) -> Tensor:
+        """`cond`: a Conditioning (its token states are the cross-attention context) or the token states alone."""
+        context = cond.tokens if isinstance(cond, Conditioning) else cond  # (B, L, context_dim)
         B, _, H, W = x.shape
         if H % self.downsampling or W % self.downsampling:
             raise ValueError(f"H and W must be divisible by {self.downsampling}, got {tuple(x.shape)}")
