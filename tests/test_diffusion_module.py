@@ -169,3 +169,17 @@ def test_a_checkpoint_from_before_the_backbone_rename_still_loads() -> None:
     other = {**old, "ldm": {**old["ldm"], "backbone": {**old["ldm"]["backbone"], "_target_": "ldm.models.dit.DiT"}}}
     with pytest.raises(ValueError, match=r"backbone architecture does not match.*_target_: 'ldm.models.dit.DiT'"):
         module().on_load_checkpoint(other)
+
+
+def test_a_resolution_the_backbone_cannot_take_is_refused_at_start_up() -> None:
+    from ldm.lightning.diffusion_module import check_latent_size
+    from ldm.models.dit import DiT
+
+    m = module()  # f = 4, UNet size multiple 2
+    check_latent_size(32, m.autoencoder, m.backbone)
+    with pytest.raises(ValueError, match=r"data.resolution=36 gives 9x9 latents \(autoencoder factor 4\), but the UNet "
+                                         r"needs latent sides that are multiples of 2: .* multiple of 8, e.g. 32"):
+        check_latent_size(36, m.autoencoder, m.backbone)
+    dit = DiT(hidden_size=32, depth=1, num_heads=2, context_dim=64, patch_size=4)
+    with pytest.raises(ValueError, match=r"the DiT needs latent sides that are multiples of 4: .* e.g. 48"):
+        check_latent_size(44, m.autoencoder, dit)

@@ -48,6 +48,18 @@ def check_compatible(autoencoder: AutoencoderKL, backbone: nn.Module, text_encod
                          "latent_stats callback) or with scripts/export_autoencoder.py.")
 
 
+def check_latent_size(resolution: int | None, autoencoder: AutoencoderKL, backbone: nn.Module) -> None:
+    """Refuse a training resolution whose latents the backbone cannot take, before the first step."""
+    f, m = autoencoder.downsample_factor, check_backbone(backbone).size_multiple
+    if resolution is None or (resolution % f == 0 and (resolution // f) % m == 0):
+        return
+    valid = [r for r in range(f * m, 2 * resolution + f * m, f * m)]
+    nearest = min(valid, key=lambda r: abs(r - resolution))
+    raise ValueError(f"data.resolution={resolution} gives {resolution / f:g}x{resolution / f:g} latents (autoencoder "
+                     f"factor {f}), but the {type(backbone).__name__} needs latent sides that are multiples of {m}: "
+                     f"use a resolution that is a multiple of {f * m}, e.g. {nearest}.")
+
+
 def architecture(backbone: nn.Module) -> dict[str, Any]:
     """What a checkpoint records of its backbone: the class and the constructor arguments that rebuild it."""
     cls = type(backbone)
@@ -144,7 +156,9 @@ class DiffusionModule(L.LightningModule):
         return cond.where(~drop, self.text_encoder.null_embedding(1)), drop
 
     def on_fit_start(self) -> None:
-        card = getattr(getattr(self.trainer, "datamodule", None), "cache_card", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check_latent_size(getattr(datamodule, "resolution", None), self.autoencoder, self.backbone)
+        card = getattr(datamodule, "cache_card", None)
         if card is not None:  # training from a latent cache: it must come from this very autoencoder
             check_cache(card, self.autoencoder, f"the latent cache {card.get('path', '')}")
 
