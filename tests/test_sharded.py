@@ -126,3 +126,22 @@ def test_fsdp_for_the_autoencoder_is_refused_with_a_clear_message(shapes_root: P
                      nproc=2, check=False, timeout=900)
     assert proc.returncode != 0
     assert "trainer=fsdp shards the stage-2 UNet; an autoencoder fits one GPU" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fsdp_trains_a_dit_like_ddp(latent_parts: dict[str, Path], tmp_path: Path) -> None:
+    """The transformer backbone under FSDP2: each DiT block a unit (`blocks()`), the same weights as DDP."""
+    ckpts = {}
+    for trainer in ("ddp_cpu", "fsdp_cpu"):
+        run_train("experiment=ldm_tiny", "model/backbone=dit_tiny", "data=latents", f"data.root={latent_parts['latents']}",
+                  f"model.autoencoder.path={latent_parts['export']}", f"hydra.run.dir={tmp_path / trainer}",
+                  f"paths.log_dir={tmp_path}", f"trainer={trainer}", "data.batch_size=16", "trainer.max_steps=4",
+                  "trainer.limit_val_batches=0", "model.lr_scheduler.warmup_steps=2", "num_threads=1", "logger=none",
+                  "callbacks=[default,ema]", nproc=2, timeout=900)
+        ckpts[trainer] = last(tmp_path / trainer)
+    ddp, fsdp = ckpts["ddp_cpu"], ckpts["fsdp_cpu"]
+    assert ddp["ldm"]["backbone"]["_target_"] == "ldm.models.dit.DiT" and fsdp["global_step"] == 4
+    assert ddp["state_dict"].keys() == fsdp["state_dict"].keys()
+    for name, tensor in ddp["state_dict"].items():
+        torch.testing.assert_close(fsdp["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for name, tensor in ema_of(ddp)["state_dict"].items():
+        torch.testing.assert_close(ema_of(fsdp)["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
