@@ -30,8 +30,14 @@ UniPCMultistepScheduler(solver_type="bh2", solver_order=2); one diffusers-only s
 so that "best diffusers configuration" means what it says. A cell reads "fails" where diffusers raises (its multistep
 solvers on repeated rounded timesteps, e.g. cosine + karras).
 
+Rectified flow (--schedule rectified_flow): x_t = (1 - t) x0 + t eps from pure noise at t = 1; the reference is the
+velocity ODE E[eps - x0 | x_t], smooth on [0, 1], integrated to t = 0 (no sigma_min floor); ours run through
+sample_from_noise (exact first step from sigma = inf), diffusers' FlowMatchEuler/Heun and its multistep solvers with
+use_flow_sigmas get the exact velocity; --sweep averages (geometrically) over five mixtures of other sizes and seeds.
+
     python bench/samplers.py                                  # scaled_linear, 256 samples, NFE 5 10 20 50
     python bench/samplers.py --schedule cosine --nfe 10 20
+    python bench/samplers.py --schedule rectified_flow --sweep --nfe 10 20 30 50 --open-end-steps 1 2 3
     python bench/samplers.py --quick                          # smoke test, a few seconds
 """
 
@@ -52,15 +58,19 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from ldm.diffusion.samplers import SAMPLERS, get_sampler
-from ldm.diffusion.schedules import CosineSchedule, DiscreteSchedule, ScaledLinearSchedule
-from ldm.diffusion.spacing import SIGMA_SPACINGS, discrete_sigmas
+from ldm.diffusion import spacing as spacing_module
+from ldm.diffusion.samplers import SAMPLERS, get_sampler, sample_from_noise
+from ldm.diffusion.schedules import CosineSchedule, DiscreteSchedule, RectifiedFlow, ScaledLinearSchedule
+from ldm.diffusion.shift import TimestepShift
+from ldm.diffusion.spacing import OPEN_END_STEPS, SIGMA_SPACINGS, discrete_sigmas, sampling_sigmas
 from ldm.diffusion.spacing import SPACINGS as TIMESTEP_SPACINGS
 
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS  # leading, trailing, linspace, karras, exponential
@@ -123,6 +133,20 @@ class GaussianMixture:
         diff, var, log_joint = self._components(x, sigma)
         per_component = self.means + self.stds**2 / var * diff  # (B, K, d)
         return (log_joint.softmax(-1)[..., None] * per_component).sum(1).to(x.dtype)
+
+    def flow_posterior(self, x: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        """(E[x0 | x_t], E[eps | x_t]) for x_t = (1 - t) x0 + t eps, float64 (B, d): components N((1 - t) mu_k,
+        (1 - t)^2 s_k^2 + t^2), finite on all of [0, 1] (at t = 1 the responsibilities are the weights)."""
+        a, b = 1 - t, t
+        diff = x.to(torch.float64)[:, None] - a * self.means  # (B, K, d)
+        var = a**2 * self.stds**2 + b**2
+        r = (self.log_weights - 0.5 * (diff**2 / var + var.log()).sum(-1)).softmax(-1)[..., None]
+        return (r * (self.means + a * self.stds**2 / var * diff)).sum(1), (r * b / var * diff).sum(1)
+
+    def velocity(self, x: Tensor, t: float) -> Tensor:
+        """The rectified-flow velocity E[eps - x0 | x_t], in x's dtype."""
+        x0, eps = self.flow_posterior(x, t)
+        return (eps - x0).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n exact draws, float64 (n, d)."""
@@ -308,6 +332,175 @@ def best(results: Results, budget: int, side: int) -> str:
     return f"{config} {error:.2e}"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The flow process: x_t = (1 - t) x0 + t eps from pure noise (t = 1) to the data (t = 0). The reference integrates the
+# velocity ODE dx_t/dt = E[eps - x0 | x_t], smooth on all of [0, 1], from x_1 = n to t = 0 (no sigma_min floor).
+# Ours: sample_from_noise with the exact mixture D on our ladders. diffusers: its flow schedulers with the exact
+# velocity, each evaluated at the flow sigma it steps from, started from x = n as their pipelines do (DPM-Solver's
+# and UniPC's flow ladders start below t = 1, at 0.999 and 1 - 1e-6, so that truncation counts as error).
+
+FLOW_DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
+FLOW_DIFFUSERS_ONLY = ("dpmpp_3m", "unipc_3")
+FLOW_DIFFUSERS = {
+    "euler": FlowMatchEulerDiscreteScheduler,
+    "heun": FlowMatchHeunDiscreteScheduler,
+    "dpmpp_2m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2),
+    "dpmpp_3m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=3),
+    "unipc": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", lower_order_final=True),
+    "unipc_3": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2", lower_order_final=True),
+}
+
+
+def flow_spacings(shifts: tuple[float, ...]) -> tuple[str, ...]:
+    """Our ladders on the flow: t evenly spaced from t = 1 (pure noise) to 0 under each shift ("linspace_s3" is SD3's
+    shift 3 at sampling, "linspace_s1" Flux's ladder at mu = 0), and karras / exponential as sampling_sigmas builds
+    them on RectifiedFlow(): a first step from pure noise, then sigma 1.5 n down to 1 / (1.5 n), then 0."""
+    return tuple(f"linspace_s{s:g}" for s in shifts) + SIGMA_SPACINGS
+
+
+def flow_ladder(n: int, spacing: str) -> Tensor:
+    """(n + 1,) float64 VE sigmas of our flow ladder `spacing` (see flow_spacings); "exponential@2" is "exponential"
+    with spacing.OPEN_END_STEPS = 2 (open ends at sigma 2 n and 1 / (2 n)), to compare that constant."""
+    if spacing.startswith("linspace_s"):
+        schedule = TimestepShift(float(spacing.removeprefix("linspace_s"))).apply(RectifiedFlow())
+        return sampling_sigmas(schedule, n, "linspace").double()
+    spacing, _, open_end_steps = spacing.partition("@")
+    default, spacing_module.OPEN_END_STEPS = spacing_module.OPEN_END_STEPS, float(open_end_steps or OPEN_END_STEPS)
+    try:
+        return sampling_sigmas(RectifiedFlow(), n, spacing).double()
+    finally:
+        spacing_module.OPEN_END_STEPS = default
+
+
+def run_ours_flow(name: str, mixture: GaussianMixture, noise: Tensor, sigmas: Tensor,
+                  seed: int = 1) -> tuple[Tensor, int]:
+    """Our sampler through sample_from_noise (exact first step from sigma = inf), counting denoiser calls."""
+    calls = 0
+
+    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return mixture.denoise(x, sigma)
+
+    x = sample_from_noise(name, denoiser, noise, sigmas, generator=torch.Generator().manual_seed(seed))
+    return x, calls
+
+
+def flow_scheduler(name: str, spacing: str):
+    """diffusers' flow scheduler for `name` on the ladder that matches our `spacing`, or None (karras/exponential:
+    diffusers' flow versions space t, not sigma, so they are other ladders)."""
+    if not spacing.startswith("linspace_s"):
+        return None
+    shift = float(spacing.removeprefix("linspace_s"))
+    factory = FLOW_DIFFUSERS[name]
+    if name in ("euler", "heun"):
+        return factory(shift=shift)
+    return factory(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                   final_sigmas_type="zero")
+
+
+def run_diffusers_flow(scheduler, n: int, mixture: GaussianMixture, noise: Tensor) -> tuple[Tensor, int]:
+    """diffusers' loop from x = noise with the exact velocity at each step's flow sigma. FlowMatchEuler gets Flux's
+    sigmas linspace(1, 1/n, n) (our linspace ladder); its default set_timesteps(n) would end at shift(shift(1e-3))."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        scheduler.set_timesteps(sigmas=torch.linspace(1, 1 / n, n).tolist())
+    else:
+        scheduler.set_timesteps(n)
+    x = noise.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(mixture.velocity(x, float(scheduler.sigmas[i])), t, x).prev_sample
+    return x, len(scheduler.timesteps)
+
+
+def flow_reference(mixture: GaussianMixture, noise: Tensor, rtol: float = 1e-10) -> Tensor:
+    """x_0 of the velocity ODE from x_1 = noise, float64 (N, d)."""
+    shape = noise.shape
+
+    def velocity(t: float, y):
+        return mixture.velocity(torch.from_numpy(y).view(shape), t).flatten().numpy()
+
+    sol = solve_ivp(velocity, (1.0, 0.0), noise.flatten().numpy(), method="DOP853", rtol=rtol, atol=rtol, t_eval=[0.0])
+    if not sol.success:
+        raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+    return torch.from_numpy(sol.y[:, -1]).view(shape)
+
+
+def run_flow_grid(names: tuple[str, ...], spacings: tuple[str, ...], budgets: list[int], mixture: GaussianMixture,
+                  noise: Tensor, metric: Callable[[Tensor], float]) -> Results:
+    """As run_grid, on the flow process."""
+    results: Results = {}
+    for name in names:
+        for spacing in spacings:
+            if name not in SAMPLERS and flow_scheduler(name, spacing) is None:
+                continue
+            row = results.setdefault((name, spacing), {})
+            for budget in budgets:
+                n = steps_for(name.removesuffix("_3"), budget)
+                ours = theirs = nfe = None
+                if name in SAMPLERS:
+                    x, nfe = run_ours_flow(name, mixture, noise, flow_ladder(n, spacing))
+                    ours = metric(x)
+                scheduler = flow_scheduler(name, spacing) if name in FLOW_DIFFUSERS else None
+                if scheduler is not None:
+                    x, nfe_theirs = run_diffusers_flow(scheduler, n, mixture, noise)
+                    nfe, theirs = nfe_theirs, metric(x)
+                row[budget] = (ours, theirs, nfe)
+    return results
+
+
+# (dim, components, seed) of the mixtures behind the flow default (--sweep): different sizes, modes and seeds
+FLOW_SWEEP = ((32, 8, 0), (8, 2, 3), (16, 4, 5), (64, 16, 7), (16, 3, 11))
+
+
+def geometric_mean(tables: list[Results]) -> Results:
+    """Per cell, the geometric mean over several mixtures' tables (None stays None)."""
+    merged: Results = {}
+    for key, row in tables[0].items():
+        merged[key] = {}
+        for budget, (_, _, nfe) in row.items():
+            sides = [[t[key][budget][side] for t in tables] for side in (0, 1)]
+            merged[key][budget] = (*(None if v[0] is None else math.exp(sum(map(math.log, v)) / len(v))
+                                     for v in sides), nfe)
+    return merged
+
+
+def main_flow(args: argparse.Namespace) -> None:
+    """The flow-process tables (--schedule rectified_flow): one mixture, or with --sweep the geometric mean of the
+    deterministic table over FLOW_SWEEP."""
+    start = time.perf_counter()
+    spacings = flow_spacings(tuple(args.shifts)) + tuple(f"exponential@{k:g}" for k in args.open_end_steps)
+    mixtures = FLOW_SWEEP if args.sweep else ((args.dim, args.components, args.seed),)
+    tables = []
+    for dim, components, seed in mixtures:
+        mixture = make_mixture(dim, components, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        noise = torch.randn(args.num_samples, dim, generator=g, dtype=torch.float64)
+        x_ref = flow_reference(mixture, noise)
+        x_loose = flow_reference(mixture, noise, rtol=1e-8)
+        print(f"rectified flow (t = 1 .. 0), mixture of {components} diagonal Gaussians in {dim} dims (seed {seed}), "
+              f"{args.num_samples} starting noises; reference: DOP853 rtol 1e-10 vs 1e-8 differ by "
+              f"{median_relative_error(x_loose, x_ref):.1e}, E[z^2] {mixture.whitened_variance(x_ref):.3f}")
+        tables.append(run_flow_grid(FLOW_DETERMINISTIC + FLOW_DIFFUSERS_ONLY, spacings, args.nfe, mixture, noise,
+                                    partial(median_relative_error, x_ref=x_ref)))
+    results = geometric_mean(tables)
+    over = f" (geometric mean over {len(mixtures)} mixtures)" if len(mixtures) > 1 else ""
+    print(f"\nmedian relative error vs the ODE reference{over}, ours / diffusers (ratio); [actual NFE] where it "
+          f"differs\n")
+    print(format_table(results, args.nfe, ratio=True))
+    for budget in args.nfe:
+        print(f"\nbest at NFE <= {budget}: ours {best(results, budget, 0)}; diffusers {best(results, budget, 1)}")
+    if args.stochastic:
+        mixture = make_mixture(args.dim, args.components, args.seed)
+        g = torch.Generator().manual_seed(args.seed + 2)
+        noise = torch.randn(args.num_stochastic, args.dim, generator=g, dtype=torch.float64)
+        exact = mixture.whitened_variance(mixture.sample(args.num_stochastic, g))
+        stochastic = run_flow_grid(STOCHASTIC, spacings, args.nfe, mixture, noise, mixture.whitened_variance)
+        print(f"\nstochastic samplers, {args.num_stochastic} draws: within-component E[z^2], ours "
+              f"(exact draws: {exact:.3f})\n")
+        print(format_table(stochastic, args.nfe, ratio=False))
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=256, help="starting noises with an ODE reference")
@@ -315,13 +508,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="scaled_linear")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES) + ["rectified_flow"], default="scaled_linear")
+    parser.add_argument("--shifts", type=float, nargs="+", default=[1.0, 3.0],
+                        help="rectified_flow: the shifts of the t-uniform ladders")
+    parser.add_argument("--stochastic", action="store_true", help="rectified_flow: also the stochastic samplers")
+    parser.add_argument("--sweep", action="store_true", help="rectified_flow: geometric mean over FLOW_SWEEP")
+    parser.add_argument("--open-end-steps", type=float, nargs="*", default=[],
+                        help="rectified_flow: extra exponential ladders with these OPEN_END_STEPS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.num_stochastic, args.dim, args.components, args.nfe = 8, 64, 4, 3, [5, 10]
     torch.set_num_threads(1)  # tiny tensors: more threads only spin on a shared machine
+    if args.schedule == "rectified_flow":
+        return main_flow(args)
 
     start = time.perf_counter()
     mixture = make_mixture(args.dim, args.components, args.seed)

@@ -1,7 +1,8 @@
-"""Training-time noise levels: uniform timesteps (Ho et al. 2020), logit-normal t (Esser et al. 2024, SD3) and log-normal
-sigma (Karras et al. 2022, Sec. 5), in VP form; plus offset noise (Guttenberg 2023) and input perturbation (Ning et al.
-2023)."""
+"""Training-time noise levels: uniform timesteps (Ho et al. 2020), SD3's logit-normal, mode and cosmap densities of t
+(Esser et al. 2024, Sec. 3.1) and log-normal sigma (Karras et al. 2022, Sec. 5), in VP form; plus offset noise
+(Guttenberg 2023) and input perturbation (Ning et al. 2023)."""
 
+import math
 from typing import NamedTuple, Protocol
 
 import torch
@@ -74,6 +75,45 @@ class LogitNormalTimesteps:
     ) -> NoiseLevel:
         n = torch.randn(batch_size, device=device, generator=generator)
         return noise_level_at(schedule, _time_from_unit(schedule, torch.sigmoid(self.mean + self.std * n)))
+
+
+class ModeTimesteps:
+    """t = f_mode(u) = 1 - u - scale (cos^2(pi u / 2) - 1 + u), u ~ U[0, 1] (Esser et al. 2024, Sec. 3.1, "mode sampling
+    with heavy tails"): scale > 0 favours mid-range t, < 0 the ends, 0 is uniform; SD3's best was 1.29."""
+
+    def __init__(self, scale: float = 1.29):
+        if not -1 <= scale <= 2 / (math.pi - 2):  # where f_mode is monotone, so a density on [0, 1]
+            raise ValueError(f"mode scale must be in [-1, {2 / (math.pi - 2):.4f}], got {scale}")
+        self.scale = scale
+
+    def __call__(
+        self,
+        schedule: NoiseSchedule,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NoiseLevel:
+        u = torch.rand(batch_size, device=device, generator=generator)
+        t = 1 - u - self.scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+        return noise_level_at(schedule, _time_from_unit(schedule, t.clamp(0, 1)))
+
+
+class CosMapTimesteps:
+    """t = 1 - 1 / (tan(pi u / 2) + 1), u ~ U[0, 1] (Esser et al. 2024, Sec. 3.1, "CosMap"): the cosine schedule's
+    log-SNR density carried over to rectified flow."""
+
+    def __call__(
+        self,
+        schedule: NoiseSchedule,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NoiseLevel:
+        u = torch.rand(batch_size, device=device, generator=generator)
+        t = 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
+        return noise_level_at(schedule, _time_from_unit(schedule, t.clamp(0, 1)))
 
 
 class LogNormalSigmas:

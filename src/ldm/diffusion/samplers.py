@@ -19,7 +19,11 @@ def _steps(sigmas: Tensor) -> list[tuple[float, float]]:
         raise ValueError(f"sigmas must be a 1-D ladder of n + 1 >= 2 values (n >= 1 steps), got shape {tuple(sigmas.shape)}")
     values = sigmas.tolist()
     if not all(math.isfinite(s) for s in values):
-        raise ValueError("sigmas must be finite; replace an infinite (zero-SNR) sigma with spacing.finite_sigmas")
+        raise ValueError("sigmas must be finite; start a ladder at sigma = inf (pure noise) with sample_from_noise, "
+                         "or replace the infinite (zero-SNR) sigma with spacing.finite_sigmas")
+    if not all(s > 0 for s in values[:-1]):  # every step divides by the sigma it starts from
+        raise ValueError(f"only the last sigma may be 0, got {values}; a schedule that reaches sigma = 0 at t_min "
+                         f"ends its ladder there (NoiseSchedule.get_sigmas) rather than appending another 0")
     return list(zip(values[:-1], values[1:]))
 
 
@@ -225,6 +229,51 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Ge
         x_last, sigma_last, d_last, h_last, r_last = x, sigma, denoised, h, r
         x = (sigma_next / sigma) * x - math.expm1(-h) * (denoised + slope / 2)  # UniP-2 with a_1 = 1/2
     return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Starting from noise, pure noise (sigma = inf) included.
+
+PURE_NOISE_SIGMA = 2.0**30  # where D is evaluated for sigma = inf (see sample_from_noise)
+
+
+def _pure_noise_denoised(denoiser: Denoiser, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, D(x, sigma)) at sigma = PURE_NOISE_SIGMA, x = noise * sigma, in float32 or wider. D depends on x only
+    through c_in x (c_in ~ 1 / sigma), so this is D's limit at SNR 0: in float32, 1 + 2^30 rounds to 2^30 and
+    c_in x = noise and a flow model's t = 1 come out exact; sigma^2 = 2^60 stays finite for VP scalings."""
+    dtype = torch.promote_types(noise.dtype, torch.float32)  # 2^30 overflows fp16
+    x = noise.to(dtype) * PURE_NOISE_SIGMA
+    return x, _denoise(denoiser, x, PURE_NOISE_SIGMA).to(dtype)
+
+
+@torch.no_grad()
+def sample_from_noise(sampler: Sampler | str, denoiser: Denoiser, noise: Tensor, sigmas: Tensor, *,
+                      x0: Tensor | None = None, generator: Generator = None, callback: StepCallback | None = None,
+                      **options) -> Tensor:
+    """Run a sampler from x = x0 + sigmas[0] noise (x0 = 0 unless img2img), where the ladder may start at sigma = inf:
+    pure noise, SNR 0 (rectified flow's t = 1), whose x = inf noise has no finite VE form. That first step is then
+    the limit sigma -> inf of the samplers' first step, x = D(noise at SNR 0) + sigmas[1] noise, taken without
+    dividing by inf: Euler's, DDIM's and DPM-Solver's own limit (x + (x - D) (sigma' - sigma) / sigma -> D + sigma'
+    noise); the ancestral and SDE limits draw fresh noise in place of this one, which has the same law since D at SNR
+    0 is E[x0] whatever the noise; Heun's trapezoid has no finite limit. The sampler then runs on sigmas[1:] without
+    that step in its history (DPM-Solver's second-order term after an infinite log-SNR step is 0; UniPC's corrector
+    of it is left out). The callback sees step 0 with x = PURE_NOISE_SIGMA noise, where D was evaluated."""
+    sample_fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    if not math.isinf(sigmas[0].item()):
+        x = noise * sigmas[0] if x0 is None else x0 + noise * sigmas[0]
+        return sample_fn(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    if len(sigmas) < 2 or not math.isfinite(sigmas[1].item()):
+        raise ValueError(f"a ladder from sigma = inf needs a finite second sigma, got {sigmas.tolist()}")
+    if len(sigmas) > 2:
+        _steps(sigmas[1:])  # the rest must be a valid ladder before the model runs
+    x, denoised = _pure_noise_denoised(denoiser, noise)
+    if callback is not None:
+        callback(0, x, denoised)
+    x = (denoised + noise * sigmas[1]).to(noise.dtype)  # x0 drowns at SNR 0: img2img at strength 1 is txt2img
+    if len(sigmas) == 2:
+        return x
+    shifted = None if callback is None else lambda i, x, denoised: callback(i + 1, x, denoised)
+    return sample_fn(denoiser, x, sigmas[1:], generator=generator, callback=shifted, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Noise schedules reduced to one function, schedule time t -> log-SNR: discrete DDPM beta schedules (Ho et al. 2020;
 Nichol & Dhariwal 2021) with zero-terminal-SNR rescaling (Lin et al. 2023, Algorithm 1), EDM's sigma(t) (Karras et al.
-2022, Eq. 5) and the shifted cosine of simple diffusion (Hoogeboom et al. 2023); alpha, sigma and SNR derive from it."""
+2022, Eq. 5), the shifted cosine of simple diffusion (Hoogeboom et al. 2023) and rectified flow (Liu et al. 2022;
+Esser et al. 2024); alpha, sigma and SNR derive from it."""
 
 import math
 from typing import ClassVar
@@ -124,11 +125,15 @@ class NoiseSchedule:
         return self.t_from_logsnr(logsnr_from_sigma(sigma))
 
     def get_sigmas(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """n VE sigmas at t evenly spaced from t_max to t_min, then 0 (k-diffusion's get_sigmas); the first is inf
-        at a zero terminal SNR, so a sampler must start that ladder from pure noise."""
-        t = torch.linspace(self.t_max, self.t_min, n, device=device)
-        sigmas = self.t_to_sigma(t)
-        return torch.cat([sigmas, sigmas.new_zeros(1)])  # (n + 1,)
+        """n VE sigmas at t evenly spaced from t_max to t_min, then 0 (k-diffusion's get_sigmas); where t_min is
+        already sigma = 0 (rectified flow's t = 0), n + 1 evenly spaced t instead, so no step starts at sigma = 0. The
+        first is inf at a zero terminal SNR: run that ladder with `samplers.sample_from_noise`."""
+        if n < 1:
+            raise ValueError(f"number of steps must be >= 1, got {n}")
+        ends_at_zero = self.t_to_sigma(torch.tensor([self.t_min], dtype=torch.float64)).item() == 0
+        t = torch.linspace(self.t_max, self.t_min, n + ends_at_zero, dtype=torch.float64)
+        sigmas = self.t_to_sigma(t).to(device=device, dtype=torch.float32)
+        return sigmas if ends_at_zero else torch.cat([sigmas, sigmas.new_zeros(1)])  # (n + 1,)
 
 
 _ZERO_SNR_NEG_LOGSNR = math.log((1 - 2**-24) / 2**-24)  # -log-SNR where diffusers puts a zero terminal SNR
@@ -272,3 +277,29 @@ class ShiftedCosineSchedule(NoiseSchedule):
     def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
         angle = torch.atan(torch.exp(-(logsnr - self.shift) / 2))
         return (angle - self._t0) / (self._t1 - self._t0)
+
+
+class RectifiedFlow(NoiseSchedule):
+    """x_t = (1 - t) x0 + t eps on t in [t_min, t_max] (Liu et al. 2022; Esser et al. 2024, Eq. 3): log-SNR
+    2 ln((1 - t) / t), VE sigma t / (1 - t) and x_ve = x_t / (1 - t); t = 1 is pure noise (SNR 0, sigma inf), t = 0
+    the data (sigma 0). Pair with FlowPrediction; SD3's and Flux's shifts are `shift.TimestepShift`."""
+
+    def __init__(self, t_min: float = 0.0, t_max: float = 1.0):
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        self.t_min, self.t_max = t_min, t_max
+
+    def logsnr(self, t: Tensor) -> Tensor:
+        return 2 * (torch.log1p(-t) - torch.log(t))  # inf at t = 0, -inf at t = 1
+
+    def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
+        return torch.sigmoid(-logsnr / 2)  # t = sigma / (1 + sigma), exact at both ends
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return t / (1 - t)  # directly, not through exp(-logsnr / 2): exact to rounding, inf at t = 1
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return 1 / (1 + 1 / sigma)  # = sigma / (1 + sigma), and 1 at sigma = inf, 0 at sigma = 0
+
+    def __repr__(self) -> str:
+        return f"RectifiedFlow(t_min={self.t_min}, t_max={self.t_max})"

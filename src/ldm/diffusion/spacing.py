@@ -1,6 +1,7 @@
 """Sampling ladders for discrete (DDPM) schedules: diffusers' `leading` / `trailing` / `linspace` timestep spacings
 (Lin et al. 2023, Table 2), Karras sigmas (Karras et al. 2022, Eq. 5) or sigmas uniform in log-SNR (Lu et al. 2022),
-returned as descending VE sigmas ending in 0.
+returned as descending VE sigmas ending in 0; for continuous schedules (rectified flow's t from 1 to 0 included) the
+same by `sampling_sigmas`.
 
 Zero terminal SNR: the last training step has sigma = inf, and x = noise * inf cannot be sampled. We replace it by
 `ZERO_SNR_SIGMA` = sqrt((1 - 2^-24) / 2^-24) ~ 4096, the value diffusers uses (it sets alpha_bar[-1] = 2^-24), so
@@ -102,15 +103,44 @@ def discrete_sigmas(
 
 
 AUTO_EXPONENTIAL_MAX_SIGMA = 100.0
+OPEN_END_STEPS = 1.5  # sigma spacings stop 1 / (OPEN_END_STEPS n + 1) of t inside an open end (sigma 0 or inf)
+
+
+def _open_ends(schedule: NoiseSchedule) -> tuple[bool, bool]:
+    """Whether a continuous schedule reaches sigma = 0 at t_min and sigma = inf (SNR 0) at t_max (rectified flow)."""
+    if schedule.discrete:
+        return False, False
+    low, high = schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)).tolist()
+    return low == 0, math.isinf(high)
 
 
 def auto_spacing(schedule: NoiseSchedule) -> Spacing | SigmaSpacing:
     """"exponential" (even in log-SNR) when the schedule's finite sigma_max is at most 100 (scaled_linear: 14.6),
     else "trailing". On the Gaussian-mixture bench (bench/RESULTS.md) exponential is 10-260x more accurate than
     trailing on scaled_linear, but an even log-sigma ladder up to cosine's 2e4 or the zero-SNR stand-in 4096 spends
-    its steps where nothing happens, and there trailing wins (5x at 10 steps)."""
+    its steps where nothing happens, and there trailing wins (5x at 10 steps). A continuous schedule with an open
+    end (rectified flow, sigma 0 .. inf) gets "exponential" between OPEN_END_STEPS ends after an exact first step
+    from pure noise: for unipc 2.3-3.2x and for dpmpp_2m 1.4-2.6x more accurate than the t-uniform ladder of SD3 and
+    Flux at 10-50 steps, over five mixtures (bench/samplers.py --schedule rectified_flow --sweep, which also shows
+    OPEN_END_STEPS 1, 2 and 3 behind 1.5 for unipc at 10-30 steps); Euler and Heun do better on "linspace", the
+    t-uniform one."""
+    if any(_open_ends(schedule)):
+        return "exponential"
     ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))
     return "exponential" if ends.max().item() <= AUTO_EXPONENTIAL_MAX_SIGMA else "trailing"
+
+
+def _continuous_sigma_spaced(schedule: NoiseSchedule, n: int, spacing: SigmaSpacing) -> Tensor:
+    """`spacing` in sigma between a continuous schedule's ends. An open end moves inside by 1 / (OPEN_END_STEPS n + 1)
+    of the t range (rectified flow: sigma 1.5 n and 1 / (1.5 n)); where it is SNR 0 the ladder starts at inf, one
+    exact step from pure noise (samplers.sample_from_noise) before the n - 1 spaced sigmas."""
+    zero_at_min, inf_at_max = _open_ends(schedule)
+    dt = (schedule.t_max - schedule.t_min) / (OPEN_END_STEPS * n + 1)
+    t = torch.tensor([schedule.t_min + dt * zero_at_min, schedule.t_max - dt * inf_at_max], dtype=torch.float64)
+    sigma_min, sigma_max = schedule.t_to_sigma(t).tolist()
+    points = n - int(inf_at_max)
+    sigmas = _sigma_spaced(spacing, points, sigma_min, sigma_max) if points else torch.zeros(1, dtype=torch.float64)
+    return torch.cat([torch.full((int(inf_at_max),), math.inf, dtype=torch.float64), sigmas])  # (n + 1,)
 
 
 def sampling_sigmas(
@@ -120,19 +150,20 @@ def sampling_sigmas(
     *,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """(n + 1,) descending finite VE sigmas ending in 0 for any schedule: `discrete_sigmas` for DDPM schedules; for
-    continuous ones "karras" or "exponential" between the schedule's ends, or (any other spacing) t evenly spaced.
-    "auto" picks by `auto_spacing`."""
+    """(n + 1,) descending VE sigmas ending in 0 for any schedule: `discrete_sigmas` for DDPM schedules (finite: a
+    zero terminal SNR becomes diffusers' stand-in); for continuous ones "karras" or "exponential" between the
+    schedule's ends (`_continuous_sigma_spaced`), or (any other spacing) t evenly spaced, the schedule's own
+    get_sigmas. A continuous schedule that reaches SNR 0 (rectified flow's t = 1) gives a ladder from sigma = inf:
+    run it with `samplers.sample_from_noise`, which takes that first step exactly. "auto" picks by `auto_spacing`."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     if spacing == "auto":
         spacing = auto_spacing(schedule)
     if schedule.discrete:
         return discrete_sigmas(schedule, n, spacing, device=device)
-    ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))
     if spacing in SIGMA_SPACINGS:
-        return _sigma_spaced(spacing, n, ends[0].item(), ends[1].item()).to(device=device, dtype=torch.float32)
-    return finite_sigmas(schedule.get_sigmas(n)).to(device=device, dtype=torch.float32)
+        return _continuous_sigma_spaced(schedule, n, spacing).to(device=device, dtype=torch.float32)
+    return schedule.get_sigmas(n).to(device=device, dtype=torch.float32)
 
 
 def strength_sigmas(sigmas: Tensor, strength: float) -> Tensor:

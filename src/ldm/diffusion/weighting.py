@@ -1,5 +1,7 @@
 """Loss weightings lambda(SNR) defined on the x0-space MSE, as EDM's lambda(sigma) (Karras et al. 2022, Eq. 8) and
-Kingma & Gao (2023); each returns the equivalent weight lambda * c_out^2 on the MSE of the network output F."""
+Kingma & Gao (2023); each returns the equivalent weight lambda * c_out^2 on the MSE of the network output F. SD3's
+(Esser et al. 2024) rectified-flow variants are FlowVelocity (their plain velocity MSE) with a timestep density from
+`noise_levels` (logit-normal, mode, cosmap), which is how they define them."""
 
 import math
 
@@ -83,3 +85,12 @@ class EDMWeighting(Weighting):
 
     def log_weight(self, logsnr: Tensor) -> Tensor:
         return torch.logaddexp(logsnr, torch.full_like(logsnr, -2 * math.log(self.sigma_data)))
+
+
+class FlowVelocity(Weighting):
+    """lambda = 1 / t^2 = (1 + sqrt(SNR))^2 with t = 1 / (1 + sqrt(SNR)): the rectified-flow velocity MSE
+    ||(x_t - D) / t - (eps - x0)||^2 (Esser et al. 2024, Sec. 2), for any parameterization; with FlowPrediction it
+    is weight 1, the same as Uniform."""
+
+    def log_weight(self, logsnr: Tensor) -> Tensor:
+        return 2 * softplus(logsnr / 2)
