@@ -64,6 +64,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import CosineSchedule, ScaledLinearSchedule
 from ldm.inference.pipeline import LatentDiffusionPipeline
 from ldm.models.autoencoder.convert import (
@@ -154,7 +155,7 @@ def build(preset: str, text: str, device: torch.device) -> dict:
 
     schedule_cls, betas = SCHEDULES[schedule_name]
     schedule = schedule_cls()
-    ours = LatentDiffusionPipeline(unet, text_encoder, autoencoder, schedule, VPrediction(schedule)).to(device)
+    ours = LatentDiffusionPipeline(unet, text_encoder, autoencoder, DiffusionProcess(schedule, VPrediction(schedule))).to(device)
     n_params = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in autoencoder.parameters())
     return dict(ours=ours, unet=theirs_unet.to(device), vae=theirs_vae.to(device), text_encoder=text_encoder,
                 scheduler_kwargs=dict(num_train_timesteps=1000, prediction_type="v_prediction", **betas),

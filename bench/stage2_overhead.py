@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ldm.callbacks.ema import EMA
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import ScaledLinearSchedule
 from ldm.diffusion.weighting import MinSNR
 from ldm.lightning.diffusion_module import DiffusionModule
@@ -39,8 +40,8 @@ def build(device: str) -> DiffusionModule:
     unet = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                 attention_levels=(0, 1), num_heads=None, head_channels=16, context_dim=64, norm_groups=8)
     schedule = ScaledLinearSchedule()
-    loss = DenoisingLoss(schedule, VPrediction(schedule), MinSNR(5.0))
-    return DiffusionModule(backbone=unet, text_encoder=OpenCLIPTextEncoder("ldm-tiny-text", pretrained=None),
+    process, loss = DiffusionProcess(schedule, VPrediction(schedule)), DenoisingLoss(weighting=MinSNR(5.0))
+    return DiffusionModule(backbone=unet, process=process, text_encoder=OpenCLIPTextEncoder("ldm-tiny-text", pretrained=None),
                            autoencoder=ae, loss=loss, optimizer=partial(torch.optim.AdamW, lr=1e-4, fused=True)).to(device)
 
 

@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import CosineSchedule, ScaledLinearSchedule
 from ldm.diffusion.weighting import MinSNR
 from ldm.lightning.diffusion_module import DiffusionModule
@@ -80,9 +81,9 @@ def build(preset: str, text: str, device: torch.device) -> DiffusionModule:
     autoencoder.set_latent_stats(0.18215, torch.zeros(autoencoder.latent_channels),
                                  torch.ones(autoencoder.latent_channels))
     schedule = SCHEDULES[schedule_name]()
-    loss = DenoisingLoss(schedule, VPrediction(schedule), MinSNR(5.0))
+    process, loss = DiffusionProcess(schedule, VPrediction(schedule)), DenoisingLoss(weighting=MinSNR(5.0))
     optimizer = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01, fused=True)
-    return DiffusionModule(backbone=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=loss,
+    return DiffusionModule(backbone=unet, process=process, text_encoder=text_encoder, autoencoder=autoencoder, loss=loss,
                            optimizer=optimizer).to(device).train()
 
 

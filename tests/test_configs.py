@@ -123,9 +123,16 @@ def test_unknown_config_name_lists_choices() -> None:
 
 
 def test_unknown_schedule_lists_choices() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "diffusion/schedule=quadratic"],
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=ldm_tiny", "diffusion/schedule=quadratic"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "scaled_linear" in proc.stderr and "cosine" in proc.stderr
+    assert proc.returncode != 0 and "scaled_linear" in proc.stderr and "rectified_flow" in proc.stderr
+
+
+def test_unknown_backbone_lists_choices() -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"(?s)model/backbone/nope.*dit_tiny.*mmdit_base.*unet_tiny"):
+        compose_cfg("experiment=ldm_tiny", "model/backbone=nope")
 
 
 def test_unknown_experiment_lists_choices() -> None:
@@ -147,14 +154,22 @@ def test_ldm_256_offline_text_weights_fail_fast(tmp_path: Path, shapes_root: Pat
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine", "sigmoid"])
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_stage2_diffusion_groups_compose_into_the_loss(schedule: str, parameterization: str,
-                                                       tmp_path: Path) -> None:
+def test_stage2_diffusion_groups_compose_into_the_process(schedule: str, parameterization: str,
+                                                          tmp_path: Path) -> None:
     cfg = compose_cfg("experiment=ldm_tiny", f"paths.output_dir={tmp_path}", f"diffusion/schedule={schedule}",
                       f"diffusion/parameterization={parameterization}", "model.text_encoder.pretrained=null",
                       f"model.autoencoder.path={tiny_export(tmp_path)}")
-    loss = hydra.utils.instantiate(cfg.model.loss)
-    assert type(loss.schedule).__name__.lower().startswith(schedule.replace("_", ""))
-    assert type(loss.parameterization).__name__.lower().startswith(parameterization)
+    process = hydra.utils.instantiate(cfg.model.process)
+    assert type(process.base_schedule).__name__.lower().startswith(schedule.replace("_", ""))
+    assert type(process.parameterization).__name__.lower().startswith(parameterization)
+    assert process.schedule(8, 8) is process.base_schedule  # no shift unless diffusion/shift says so
+    loss = hydra.utils.instantiate(cfg.model.loss).bind(process.base_schedule, process.parameterization)
+    assert loss.parameterization is process.parameterization
+
+
+def test_stage1_configs_carry_no_diffusion_keys() -> None:
+    assert "diffusion" not in compose_cfg("experiment=autoencoder_tiny")
+    assert "diffusion" in compose_cfg("experiment=ldm_tiny")
 
 
 def test_noise_schedule_sweep_preset_lists_the_grid(tmp_path: Path) -> None:

@@ -312,6 +312,10 @@ def test_every_config_combination_builds_a_loss():
     for files in itertools.product(*(_yamls(g) for g in groups)):
         cfg = OmegaConf.create({"diffusion": {g: OmegaConf.load(f) for g, f in zip(groups, files)}})
         parts = instantiate(cfg.diffusion)
-        loss_fn = DenoisingLoss(**parts)
+        try:
+            loss_fn = DenoisingLoss(**parts)
+        except ValueError as err:  # ill-posed at an open end (rectified flow reaches SNR 0 and inf): refused by name
+            assert "not finite at the schedule's ends" in str(err) and files[0].stem == "rectified_flow", err
+            continue
         out = loss_fn(lambda x, c_noise, context: x, x0, generator=torch.Generator().manual_seed(0))
         assert out.loss.isfinite().all(), [f.stem for f in files]

@@ -10,6 +10,7 @@ import torch
 
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import CosineSchedule
 from ldm.lightning.diffusion_module import DiffusionModule
 from ldm.models.autoencoder.kl import AutoencoderKL
@@ -32,8 +33,8 @@ def parts(latent_channels: int = 4, context_dim: int = 64, stats: bool = True):
 def module(cond_drop_prob: float = 0.1, **kw) -> DiffusionModule:
     ae, unet, text = parts(**kw)
     schedule = CosineSchedule()
-    loss = DenoisingLoss(schedule, VPrediction(schedule))
-    return DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae, loss=loss,
+    process = DiffusionProcess(schedule, VPrediction(schedule))
+    return DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae, process=process, loss=DenoisingLoss(),
                            optimizer=partial(torch.optim.AdamW, lr=1e-3), cond_drop_prob=cond_drop_prob)
 
 
@@ -102,7 +103,7 @@ def test_compile_and_channels_last_switches_keep_outputs_and_checkpoint_names() 
     unet.load_state_dict(plain.backbone.state_dict())
     schedule = CosineSchedule()
     fast = DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae,
-                           loss=DenoisingLoss(schedule, VPrediction(schedule)),
+                           process=DiffusionProcess(schedule, VPrediction(schedule)), loss=DenoisingLoss(),
                            optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_backbone=True,
                            compile_backend="eager", channels_last=True)
     assert fast.state_dict().keys() == plain.state_dict().keys()
@@ -183,3 +184,18 @@ def test_a_resolution_the_backbone_cannot_take_is_refused_at_start_up() -> None:
     dit = DiT(hidden_size=32, depth=1, num_heads=2, context_dim=64, patch_size=4)
     with pytest.raises(ValueError, match=r"the DiT needs latent sides that are multiples of 4: .* e.g. 48"):
         check_latent_size(44, m.autoencoder, dit)
+
+
+def test_the_process_is_recorded_and_a_checkpoint_of_another_process_is_refused() -> None:
+    from ldm.diffusion.parameterization import FlowPrediction
+    from ldm.diffusion.schedules import RectifiedFlow
+    from ldm.diffusion.shift import TimestepShift
+
+    flow = module()
+    flow.process = DiffusionProcess(RectifiedFlow(), FlowPrediction(), TimestepShift(shift=3.0))
+    checkpoint: dict = {}
+    flow.on_save_checkpoint(checkpoint)
+    assert checkpoint["ldm"]["process"]["parameterization"] == "FlowPrediction(schedule=None, timestep_scale=1000.0)"
+    assert checkpoint["ldm"]["process"]["shift"]["shift"] == 3.0
+    with pytest.raises(ValueError, match=r"diffusion process .* parameterization: 'FlowPrediction.*' -> 'VPrediction"):
+        module().on_load_checkpoint(checkpoint)  # a flow checkpoint into a v-prediction run

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.diffusion.parameterization import VPrediction
+from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import CosineSchedule
 from ldm.inference.pipeline import LatentDiffusionPipeline
 from ldm.models.autoencoder.kl import AutoencoderKL
@@ -28,7 +29,7 @@ def pipeline() -> LatentDiffusionPipeline:
         torch.nn.init.normal_(p, std=0.05)
     text = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=None)
     schedule = CosineSchedule()
-    return LatentDiffusionPipeline(unet, text, ae, schedule, VPrediction(schedule), resolution=32).eval()
+    return LatentDiffusionPipeline(unet, text, ae, DiffusionProcess(schedule, VPrediction(schedule)), resolution=32).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +127,24 @@ def test_a_nan_sample_is_flagged(pipeline: LatentDiffusionPipeline, monkeypatch:
     monkeypatch.setattr(pipeline.backbone, "forward", lambda x, *a, **k: forward(x, *a, **k) * float("nan"))
     out = pipeline.generate(PROMPTS[:2], [0, 1], steps=2)
     assert not bool(out.finite.any())
+
+
+def test_a_flow_process_samples_from_pure_noise_at_its_shift(pipeline: LatentDiffusionPipeline) -> None:
+    """Rectified flow with a shift: the ladder starts at sigma = inf (t = 1) and is the process's at the latent size."""
+    from ldm.diffusion.parameterization import FlowPrediction
+    from ldm.diffusion.schedules import RectifiedFlow
+    from ldm.diffusion.shift import TimestepShift
+
+    flow = LatentDiffusionPipeline(pipeline.backbone, pipeline.text_encoder, pipeline.autoencoder,
+                                   DiffusionProcess(RectifiedFlow(), FlowPrediction(), TimestepShift(shift=3.0)),
+                                   resolution=32).eval()
+    sigmas = flow.sigmas(6, "linspace", (8, 8))
+    assert sigmas[0].isinf() and sigmas[-1] == 0
+    plain = LatentDiffusionPipeline(pipeline.backbone, pipeline.text_encoder, pipeline.autoencoder,
+                                    DiffusionProcess(RectifiedFlow(), FlowPrediction()), resolution=32)
+    torch.testing.assert_close(sigmas[1:-1], 3.0 * plain.sigmas(6, "linspace", (8, 8))[1:-1])  # shift: sigma x 3
+    for sampler in ("euler", "unipc", "dpmpp_2m_sde"):
+        out = flow.generate(PROMPTS[:2], [0, 1], sampler=sampler, steps=6)
+        assert bool(out.finite.all()) and out.latents.abs().max() < 100, sampler
+    img2img = flow.generate(PROMPTS[:1], [0], steps=6, image=images(), strength=0.5)
+    assert bool(img2img.finite.all())

@@ -25,7 +25,7 @@ def training_pipeline(trainer: L.Trainer, pl_module: L.LightningModule, use_ema:
     try:
         with ema.averaged(pl_module) if ema is not None and use_ema else nullcontext():
             yield LatentDiffusionPipeline(pl_module.backbone, pl_module.text_encoder, pl_module.autoencoder,
-                                          pl_module.loss.schedule, pl_module.loss.parameterization, resolution)
+                                          pl_module.process, resolution)
     finally:
         pl_module.backbone.train(was_training)
 

@@ -164,8 +164,8 @@ def load_pipeline(path: str | Path, *, ema: bool | None = None, config: str | Pa
 
 def build_pipeline(model_cfg: DictConfig, *, autoencoder: str | Path | None = None,
                    resolution: int | None = None) -> LatentDiffusionPipeline:
-    """The parts of a stage-2 model config (`model.backbone`, `.text_encoder`, `.autoencoder`, `.loss.schedule`,
-    `.loss.parameterization`), without the optimizer or the Lightning module."""
+    """The parts of a stage-2 model config (`model.backbone`, `.text_encoder`, `.autoencoder`, `.process`), without
+    the optimizer or the Lightning module."""
     ae_cfg = OmegaConf.merge(model_cfg.autoencoder, {"path": str(autoencoder)} if autoencoder else {})
     if not Path(ae_cfg.path).exists():
         raise FileNotFoundError(f"The autoencoder this model was trained with, {ae_cfg.path}, is missing; pass "
@@ -174,8 +174,7 @@ def build_pipeline(model_cfg: DictConfig, *, autoencoder: str | Path | None = No
         backbone=hydra.utils.instantiate(model_cfg.backbone),
         text_encoder=hydra.utils.instantiate(model_cfg.text_encoder),
         autoencoder=hydra.utils.instantiate(ae_cfg),
-        schedule=hydra.utils.instantiate(model_cfg.loss.schedule),
-        parameterization=hydra.utils.instantiate(model_cfg.loss.parameterization),
+        process=hydra.utils.instantiate(model_cfg.process),
         resolution=resolution,
     )
 
@@ -203,9 +202,9 @@ def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None =
     if (out / AUTOENCODER_DIR).exists():
         shutil.rmtree(out / AUTOENCODER_DIR)
     export_autoencoder(pipeline.autoencoder, out / AUTOENCODER_DIR)
-    parts = {k: model_cfg[k] for k in ("backbone", "text_encoder", "autoencoder")}
+    parts = {k: model_cfg[k] for k in ("backbone", "text_encoder", "autoencoder", "process")}
     parts["autoencoder"] = OmegaConf.merge(parts["autoencoder"], {"path": AUTOENCODER_DIR})
-    parts["loss"] = {"schedule": model_cfg.loss.schedule, "parameterization": model_cfg.loss.parameterization}
+    parts["process"] = model_cfg.process
     card = {"model": parts, "resolution": (data_cfg or {}).get("resolution"), "weights": weights,
             "source": str(ckpt.resolve()), "autoencoder_sha256": weights_hash(pipeline.autoencoder)}
     OmegaConf.save(OmegaConf.create(card), out / EXPORT_CARD)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -16,9 +17,9 @@ from torch import Tensor, nn
 
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
-from ldm.diffusion.parameterization import Denoiser, Parameterization
-from ldm.diffusion.samplers import get_sampler
-from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.parameterization import Denoiser
+from ldm.diffusion.process import DiffusionProcess
+from ldm.diffusion.samplers import get_sampler, sample_from_noise
 from ldm.diffusion.spacing import sampling_sigmas, strength_sigmas
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Backbone, Conditioning
@@ -39,22 +40,22 @@ class Generation:
 
 
 class LatentDiffusionPipeline(nn.Module):
-    """The inference view of a stage-2 model: backbone + text encoder + autoencoder + the schedule it was trained on.
+    """The inference view of a stage-2 model: backbone + text encoder + autoencoder + the process it was trained on.
 
     Args:
-        schedule: the training noise schedule; it fixes the sampling ladder's ends (and zero terminal SNR).
-        parameterization: how the backbone's output turns into a denoised estimate (eps / v / x0 / EDM).
+        process: the training process: its schedule at the latent size (shift included) fixes the sampling
+            ladder's ends, its parameterization turns the backbone's output into a denoised estimate.
         resolution: the training image size, the default height and width.
     """
 
     def __init__(self, backbone: Backbone, text_encoder: OpenCLIPTextEncoder, autoencoder: AutoencoderKL,
-                 schedule: NoiseSchedule, parameterization: Parameterization, resolution: int | None = None) -> None:
+                 process: DiffusionProcess, resolution: int | None = None) -> None:
         super().__init__()
         self.resolution = resolution
         self.weights = "raw"  # which backbone weights were loaded ("ema (N updates)" / "raw"), for the records
         self.backbone, self.text_encoder, self.autoencoder = backbone, text_encoder, autoencoder  # modes as given:
-        self.schedule, self.parameterization = schedule, parameterization  # a training callback shares the parts
-        self.denoiser = Denoiser(self.backbone, parameterization)
+        self.process = process  # a training callback shares the module's parts and process
+        self.denoiser = Denoiser(self.backbone, process.parameterization)
 
     @property
     def device(self) -> torch.device:
@@ -92,8 +93,10 @@ class LatentDiffusionPipeline(nn.Module):
         """Normalized latents -> images in [-1, 1] (clamped)."""
         return self.autoencoder.decode(self.autoencoder.denormalize(latents)).clamp(-1, 1)
 
-    def sigmas(self, steps: int, spacing: str = "auto") -> Tensor:
-        return sampling_sigmas(self.schedule, steps, spacing, device=self.device)
+    def sigmas(self, steps: int, spacing: str = "auto", latent_size: tuple[int, int] | None = None) -> Tensor:
+        """The sampling ladder of the process's schedule at `latent_size` (h, w): the shift training used there."""
+        schedule = self.process.schedule(*latent_size) if latent_size else self.process.schedule()
+        return sampling_sigmas(schedule, steps, spacing, device=self.device)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -146,24 +149,24 @@ class LatentDiffusionPipeline(nn.Module):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: device-independent noise
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(self.device)
 
-        sigmas = strength_sigmas(self.sigmas(steps, spacing), strength)
+        sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:]), strength)
         denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
-        x = noise * sigmas[0]
+        # sample_from_noise: x = x0 + sigma_0 noise, and a first step from pure noise when sigma_0 is inf (flow)
+        run = partial(sample_from_noise, sample_fn, noise=noise, sigmas=sigmas, generator=generators,
+                      callback=callback)
         if image is None:
-            latents = sample_fn(denoiser, x, sigmas, generator=generators, callback=callback)
+            latents = run(denoiser)
         else:
             known = self._batch(self.encode(self._check_image(image)), batch)
-            x = known + x
             if mask is None:
-                latents = sample_fn(denoiser, x, sigmas, generator=generators, callback=callback)
+                latents = run(denoiser, x0=known)
             else:
                 m = self._batch(latent_mask(self._check_mask(mask, height, width), shape[-2:]), batch)
                 if repaint > 0:
-                    latents = sample_repaint(denoiser, x, sigmas, known=known, mask=m, resample=repaint,
-                                             generator=generators, callback=callback)
+                    latents = sample_repaint(denoiser, known + noise * sigmas[0], sigmas, known=known, mask=m,
+                                             resample=repaint, generator=generators, callback=callback)
                 else:
-                    latents = sample_fn(known_region_denoiser(denoiser, known, m), x, sigmas,
-                                        generator=generators, callback=callback)
+                    latents = run(known_region_denoiser(denoiser, known, m), x0=known)
         images = self.decode(latents.float())
         finite = latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
         return Generation(images, latents, finite)

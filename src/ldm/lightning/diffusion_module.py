@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
-from ldm.diffusion.schedules import vp_from_logsnr
+from ldm.diffusion.process import DiffusionProcess
 from ldm.lightning.nonfinite import NonFiniteGuard
 from ldm.lightning.sharding import full_tensor, is_sharded, shard_backbone
 from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
@@ -83,6 +83,7 @@ class DiffusionModule(L.LightningModule):
         backbone: nn.Module,
         text_encoder: OpenCLIPTextEncoder,
         autoencoder: AutoencoderKL,
+        process: DiffusionProcess,
         loss: DenoisingLoss,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -102,7 +103,9 @@ class DiffusionModule(L.LightningModule):
         # Frozen, so hashed once: recorded in every checkpoint, so that sampling, evaluation and resuming refuse
         # another autoencoder (a moved or copied project whose config still names the original's file).
         self.autoencoder_sha256 = weights_hash(autoencoder)
-        self.loss, self.optimizer_factory, self.scheduler_factory = loss, optimizer, lr_scheduler
+        # one process: the loss uses its schedule and parameterization, and checkpoints record it
+        self.process, self.loss = process, loss.bind(process.base_schedule, process.parameterization)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.cond_drop_prob = cond_drop_prob
         self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -166,7 +169,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         z = self.latents(batch)  # (B, c, H/f, W/f)
         cond, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
-        out = self.loss(self.backbone, z, cond)
+        out = self.loss(self.backbone, z, cond, schedule=self.process.schedule(*z.shape[-2:]))
         loss = out.loss.mean()
         if not self.guard.all_finite(self.trainer.strategy, loss):
             return None  # every rank skips together (the guard reduces the flag across ranks)
@@ -206,16 +209,12 @@ class DiffusionModule(L.LightningModule):
         z = self.latents(batch, generator)
         cond, _ = self.embed_captions(batch["caption"])
         bs = z.shape[0]
-        self.log("val/loss", self.loss(self.backbone, z, cond, generator=generator).loss.mean(), sync_dist=True,
-                 batch_size=bs)
+        loss = self.loss(self.backbone, z, cond, generator=generator, schedule=self.process.schedule(*z.shape[-2:]))
+        self.log("val/loss", loss.loss.mean(), sync_dist=True, batch_size=bs)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        param = self.loss.parameterization
-        for b in self.val_logsnr_bins:
+        for b in self.val_logsnr_bins:  # the same log-SNR values for every schedule, parameterization and shift
             logsnr = torch.full((bs,), b, device=z.device)
-            alpha, sigma = (c.view(-1, 1, 1, 1).to(z.dtype) for c in vp_from_logsnr(logsnr))
-            x = alpha * z + sigma * noise
-            c_skip, c_out, c_in = param.scalings_vp(alpha, sigma)
-            denoised = c_skip * x + c_out * self.backbone(c_in * x, param.c_noise(logsnr), cond)
+            denoised = self.process.denoise_vp(self.backbone, self.process.noised(z, noise, logsnr), logsnr, cond)
             self.log(f"val/x0_mse_logsnr_{b:+.0f}", (denoised - z).square().mean(), sync_dist=True, batch_size=bs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -238,6 +237,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm"] = {"stage": "diffusion", "backbone": architecture(self.backbone),
+                             "process": self.process.describe(),
                              "autoencoder": self.autoencoder.config,
                              "latent_scale": float(self.autoencoder.latent_scale),
                              "autoencoder_sha256": self.autoencoder_sha256,
@@ -248,6 +248,7 @@ class DiffusionModule(L.LightningModule):
         if meta.get("stage", "diffusion") != "diffusion":
             raise ValueError(f"This is a {meta['stage']!r} checkpoint; stage 2 resumes only diffusion checkpoints.")
         check_architecture(meta.get("backbone"), architecture(self.backbone), "backbone")
+        check_architecture(meta.get("process"), self.process.describe(), "diffusion process")
         trained_with = meta.get("autoencoder_sha256")  # absent in checkpoints from before it was recorded
         if trained_with is not None and trained_with != self.autoencoder_sha256:
             raise autoencoder_mismatch(trained_with, self.autoencoder_sha256, "model.autoencoder.path")

@@ -74,10 +74,15 @@ def upgrade_stage2_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def upgrade_model_config(model_cfg: Any) -> Any:
-    """The same rename in a stage-2 run's `model` config (`model.unet` -> `model.backbone`), in place."""
+    """The same upgrade of a stage-2 run's `model` config, in place: `model.unet` -> `model.backbone`, and the
+    schedule and parameterization that lived in `model.loss` -> `model.process` (no shift, as then)."""
     from omegaconf import open_dict
 
     with open_dict(model_cfg):
+        loss = model_cfg.get("loss") or {}
+        if "process" not in model_cfg and "schedule" in loss:
+            model_cfg.process = {"_target_": "ldm.diffusion.process.DiffusionProcess", "schedule": loss.schedule,
+                                 "parameterization": loss.parameterization}
         if "unet" in model_cfg and "backbone" not in model_cfg:
             model_cfg.backbone = model_cfg.pop("unet")
         if "compile_unet" in model_cfg:
