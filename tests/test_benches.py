@@ -59,3 +59,18 @@ def test_sharding_memory_halves_the_training_state_on_two_ranks() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ratio = float(re.search(r"fsdp / ddp training state: ([0-9.]+)", proc.stdout).group(1))
     assert 0.45 < ratio < 0.55, proc.stdout  # each rank holds half the weights, gradients and AdamW moments
+
+
+def test_backbone_step_runs_both_backbones_against_diffusers(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU preset's code path (b2 widths, bf16 autocast, MFU) at 2 blocks on 8x8 latents on the CPU."""
+    bench = _load("backbone_step")
+    rows = bench.main(["--preset", "b2", "--smoke", "--dtype", "bf16", "--threads", "1", "--peak-tflops", "1"])
+    assert [(r["backbone"], r["side"]) for r in rows] == [("dit", "ours"), ("dit", "diffusers"),
+                                                          ("mmdit", "ours"), ("mmdit", "diffusers")]
+    for r in rows:
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["saved_mib"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.0)
+    for ours, theirs in (rows[:2], rows[2:]):
+        assert ours["params"] == theirs["params"] and ours["flops"] == theirs["flops"]  # the same network
+        assert ours["ratio"] > 0 and 0.8 < ours["saved_ratio"] < 1.25
+    assert "b2 mmdit: step time ours/diffusers" in capsys.readouterr().out
