@@ -3,7 +3,9 @@
 1. stage 1: trains the tiny autoencoder on the built-in `shapes` shards through `train.py` (the shards are written on
    first use); it measures the latent statistics and exports the autoencoder; prints held-out reconstruction PSNR;
 2. caches the latents of every image with that autoencoder (`scripts/cache_latents.py`);
-3. stage 2: trains the tiny text-conditional LDM on the cached latents through `train.py experiment=ldm_tiny`;
+3. stage 2: trains the tiny text-conditional LDM on the cached latents through `train.py experiment=ldm_tiny` (or
+   `--experiment dit_tiny` / `mmdit_tiny`: a transformer with flow matching; its run goes to `<out>/<experiment>`,
+   beside the UNet's `<out>/ldm`, and reuses stage 1 and the cache);
 4. samples a grid for prompts naming every colour x shape pair and scores it with the deterministic shapes checker:
    prints colour and shape accuracy, and writes them to `adherence.json`.
 Re-running skips finished stages (--force retrains). Outputs go under $LDM_ROOT (default: the repository).
@@ -87,7 +89,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: $LDM_ROOT/outputs/quickstart")
     parser.add_argument("--force", action="store_true", help="redo stages that already finished")
     parser.add_argument("--stage1-steps", type=int, default=None, help="default: experiment autoencoder_tiny's")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="default: experiment ldm_tiny's")
+    parser.add_argument("--experiment", default="ldm_tiny", help="the stage-2 experiment: ldm_tiny (UNet), dit_tiny, "
+                                                                     "mmdit_tiny")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 experiment's")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -99,7 +103,8 @@ def main() -> None:
     data = root / "data" / f"shapes_{RESOLUTION}"
     start = time.time()
 
-    ae_dir, latents, ldm_dir = out / "autoencoder", out / "latents", out / "ldm"
+    ae_dir, latents = out / "autoencoder", out / "latents"
+    ldm_dir = out / ("ldm" if args.experiment == "ldm_tiny" else args.experiment)
     steps1 = [f"trainer.max_steps={args.stage1_steps}"] if args.stage1_steps else []
     run("stage 1 (autoencoder)", "train.py", ["experiment=autoencoder_tiny", f"hydra.run.dir={ae_dir}",
                                              f"paths.root_dir={root}", "print_config=false", *steps1],
@@ -113,13 +118,14 @@ def main() -> None:
         latents / "done", args.force)
 
     steps2 = [f"trainer.max_steps={args.stage2_steps}"] if args.stage2_steps else []
-    run("stage 2 (latent diffusion)", "train.py", ["experiment=ldm_tiny", "data=latents", f"data.root={latents}",
+    run(f"stage 2 ({args.experiment})", "train.py", [f"experiment={args.experiment}", "data=latents", f"data.root={latents}",
                                                   f"model.autoencoder.path={ae_dir / 'export'}",
                                                   f"hydra.run.dir={ldm_dir}", f"paths.root_dir={root}",
                                                   "print_config=false", *steps2],
         ldm_dir / "done", args.force, resume=ldm_dir / "checkpoints" / "last.ckpt")
 
-    result = adherence(ldm_dir / "checkpoints" / "last.ckpt", out / "samples", args.images_per_prompt,
+    samples = out / ("samples" if args.experiment == "ldm_tiny" else f"samples_{args.experiment}")
+    result = adherence(ldm_dir / "checkpoints" / "last.ckpt", samples, args.images_per_prompt,
                        args.sample_steps, args.guidance)
     wandb_runs = sorted(str(p) for d in (ae_dir, ldm_dir) for p in (d / "wandb").glob("offline-run-*"))
     print(f"\n[quickstart] done in {(time.time() - start) / 60:.1f} min")
@@ -127,7 +133,7 @@ def main() -> None:
           f"colour {100 * result['colour_accuracy']:.1f}% (aim >= 95%, chance 16.7%), "
           f"shape {100 * result['shape_accuracy']:.1f}% (aim >= 85%, chance 20%), "
           f"background {100 * result['background_accuracy']:.1f}%")
-    print(f"  samples: {out / 'samples' / 'grid.png'} (one colour-shape pair per row; prompts.txt, adherence.json)")
+    print(f"  samples: {samples / 'grid.png'} (one colour-shape pair per row; prompts.txt, adherence.json)")
     print(f"  reconstructions (top: input, bottom: output): {out / 'reconstructions.png'}  PSNR {psnr:.2f} dB")
     print(f"  checkpoints: {ae_dir / 'checkpoints'}, {ldm_dir / 'checkpoints'}   autoencoder export: "
           f"{ae_dir / 'export'}")

@@ -122,10 +122,12 @@ def test_ddp_cpu_two_processes(tmp_path: Path, shapes_root: Path) -> None:
     assert not list(tmp_path.glob("**/multirun*"))  # the second rank did not start a run of its own
 
 
-def test_stage2_trains_on_the_stage1_export(trained: Path, tmp_path: Path, shapes_root: Path) -> None:
-    """experiment=ldm_tiny on the autoencoder exported above: the denoising loss falls, EMA is saved."""
+@pytest.mark.parametrize("experiment", ["ldm_tiny", "dit_tiny", "mmdit_tiny"])
+def test_stage2_trains_on_the_stage1_export(experiment: str, trained: Path, tmp_path: Path, shapes_root: Path) -> None:
+    """experiment=ldm_tiny (UNet, v), dit_tiny and mmdit_tiny (transformers, rectified flow) on the autoencoder
+    exported above: the denoising loss falls, EMA is saved, the end-of-training samples are finite."""
     run_dir = tmp_path / "ldm"
-    run_train("experiment=ldm_tiny", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}", "logger=csv",
+    run_train(f"experiment={experiment}", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}", "logger=csv",
               f"model.autoencoder.path={trained / 'export'}", f"data.root={shapes_root}", "data.num_train=256",
               "data.num_val=64", "data.shard_size=32", "data.batch_size=32", "data.num_workers=0",
               "trainer.max_steps=60", "trainer.val_check_interval=30", "trainer.limit_val_batches=1",
@@ -140,6 +142,9 @@ def test_stage2_trains_on_the_stage1_export(trained: Path, tmp_path: Path, shape
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
     assert ema["num_updates"] == 60 and set(ema["state_dict"]) == {
         k.removeprefix("backbone.") for k in ckpt["state_dict"] if k.startswith("backbone.")}
+    assert ckpt["ldm"]["backbone"]["_target_"].rsplit(".", 1)[1].lower() == experiment.split("_")[0].replace("ldm",
+                                                                                                          "unet")
+    assert list((run_dir / "images").glob("samples_*.png"))  # the sampling callback ran at the end
 
 
 def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path, shapes_root: Path) -> None:
@@ -168,3 +173,34 @@ def test_stage2_ddp_cpu_two_processes(trained: Path, tmp_path: Path, shapes_root
     assert "distributed_backend=gloo" in proc.stdout + proc.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["ldm"]["stage"] == "diffusion"
+
+
+def test_a_shifted_flow_checkpoint_samples_on_its_training_ladder(trained: Path, tmp_path: Path,
+                                                                  shapes_root: Path) -> None:
+    """Flux's resolution-dependent shift: the pipeline loaded from the checkpoint uses, at the training latent size,
+    exactly the schedule (and so the sigma ladder) that training drew its noise levels from."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from ldm.diffusion.spacing import sampling_sigmas
+    from ldm.inference.loading import load_pipeline
+
+    run_dir = tmp_path / "dit"
+    run_train("experiment=dit_tiny", "diffusion/shift=flux", f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}",
+              "logger=none", f"model.autoencoder.path={trained / 'export'}", f"data.root={shapes_root}",
+              "data.num_train=256", "data.num_val=64", "data.shard_size=32", "data.batch_size=16",
+              "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0", "num_threads=1",
+              "~callbacks.sample_images")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["ldm"]["process"]["shift"]["shift"] is None  # dynamic (Flux)
+    trained_process = hydra.utils.instantiate(OmegaConf.load(run_dir / "config_resolved.yaml").model.process)
+    pipeline = load_pipeline(run_dir / "checkpoints" / "last.ckpt")
+    assert pipeline.process.describe() == ckpt["ldm"]["process"] == trained_process.describe()
+    latent = (8, 8)  # 32 px / f4: 16 tokens of 2x2 latent cells
+    t = torch.linspace(0.05, 0.95, 7)
+    train_schedule = trained_process.schedule(*latent)
+    assert (train_schedule.logsnr(t) - trained_process.base_schedule.logsnr(t)).abs().min() > 0.1  # a real shift
+    torch.testing.assert_close(pipeline.process.schedule(*latent).logsnr(t), train_schedule.logsnr(t))
+    for spacing in ("auto", "linspace"):
+        torch.testing.assert_close(pipeline.sigmas(10, spacing, latent), sampling_sigmas(train_schedule, 10, spacing))
+    assert bool(pipeline.generate(["a red circle"], [0], steps=4).finite.all())
