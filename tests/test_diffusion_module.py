@@ -199,3 +199,25 @@ def test_the_process_is_recorded_and_a_checkpoint_of_another_process_is_refused(
     assert checkpoint["ldm"]["process"]["shift"]["shift"] == 3.0
     with pytest.raises(ValueError, match=r"diffusion process .* parameterization: 'FlowPrediction.*' -> 'VPrediction"):
         module().on_load_checkpoint(checkpoint)  # a flow checkpoint into a v-prediction run
+
+
+def test_regional_compile_wraps_each_block_and_keeps_outputs_and_names() -> None:
+    """compile_backbone=blocks: each of the backbone's blocks() compiled in place (aot_eager: capture, no codegen)."""
+    plain = module()
+    ae, unet, text = parts()
+    schedule = CosineSchedule()
+    regional = DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae, loss=DenoisingLoss(),
+                               process=DiffusionProcess(schedule, VPrediction(schedule)),
+                               optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_backbone="blocks",
+                               compile_backend="aot_eager")
+    assert all(block._compiled_call_impl is not None for block in regional.backbone.blocks())
+    assert regional.backbone._compiled_call_impl is None  # the whole forward stays eager
+    for p in regional.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    plain.backbone.load_state_dict(regional.backbone.state_dict())  # the same names
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 64)
+    torch.testing.assert_close(regional.backbone(x, t, ctx), plain.backbone(x, t, ctx), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compile_backbone must be false, true, 'full' or 'blocks', got 'some'"):
+        DiffusionModule(backbone=parts()[1], text_encoder=text, autoencoder=ae, loss=DenoisingLoss(),
+                        process=DiffusionProcess(schedule, VPrediction(schedule)),
+                        optimizer=partial(torch.optim.AdamW, lr=1e-3), compile_backbone="some")
