@@ -27,7 +27,6 @@ is the diffusion process's business, not the converter's. SD3 stores its sin-cos
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from ldm.models.dit import DiT
 from ldm.models.mmdit import MMDiT
+from ldm.models.unet.convert import read_diffusers_folder
 
 Pairs = list[tuple[str, tuple[str, ...]]]  # (our key, the diffusers keys concatenated along dim 0 to make it)
 
@@ -241,23 +241,11 @@ def _mmdit_pairs(depth: int, qk_norm: bool) -> Pairs:
 
 def load_diffusers_transformer(directory: str | Path, **overrides: Any) -> nn.Module:
     """Our `DiT` or `MMDiT` from a local diffusers folder, chosen by its config's `_class_name`."""
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config, state_dict = read_diffusers_folder(directory)
     builders = {"PixArtTransformer2DModel": dit_from_diffusers, "SD3Transformer2DModel": mmdit_from_diffusers}
     name = config.get("_class_name")
     if name not in builders:
         raise ValueError(f"{directory}/config.json: _class_name {name!r} is none of {sorted(builders)}")
-    weights = sorted(directory.glob("diffusion_pytorch_model*.safetensors")) or sorted(directory.glob("*.bin"))
-    if not weights:
-        raise FileNotFoundError(f"no diffusion_pytorch_model*.safetensors or *.bin file in {directory}")
-    state_dict: dict[str, Tensor] = {}
-    for path in weights:  # sharded checkpoints come as several files
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict.update(load_file(path))
-        else:
-            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
     return builders[name](config, state_dict, **overrides)
 
 

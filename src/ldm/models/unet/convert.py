@@ -137,21 +137,28 @@ def convert_diffusers_unet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return sd
 
 
-def load_diffusers_unet(directory: str | Path, **overrides: Any) -> UNet:
-    """Build a `UNet` from a local diffusers folder (`config.json` + weights); `overrides` go to the constructor."""
+def read_diffusers_folder(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A local diffusers model folder's `config.json` and its weights (safetensors, or `.bin` loaded weights-only;
+    sharded checkpoints come as several files)."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     weights = sorted(directory.glob("diffusion_pytorch_model*.safetensors")) or sorted(directory.glob("*.bin"))
     if not weights:
         raise FileNotFoundError(f"no diffusion_pytorch_model*.safetensors or *.bin file in {directory}")
     state_dict: dict[str, Tensor] = {}
-    for path in weights:  # sharded checkpoints come as several files
+    for path in weights:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state_dict.update(load_file(path))
         else:
             state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+    return config, state_dict
+
+
+def load_diffusers_unet(directory: str | Path, **overrides: Any) -> UNet:
+    """Build a `UNet` from a local diffusers folder (`config.json` + weights); `overrides` go to the constructor."""
+    config, state_dict = read_diffusers_folder(directory)
     model = UNet(**{**unet_kwargs_from_diffusers_config(config), **overrides})
     model.load_state_dict(convert_diffusers_unet(state_dict), strict=True)
     return model
