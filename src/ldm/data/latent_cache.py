@@ -51,9 +51,9 @@ def read_card(cache_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_cache(card: dict[str, Any], autoencoder: AutoencoderKL, where: str = "the latent cache") -> None:
-    """Refuse a cache whose latents came from another autoencoder (or latent statistics)."""
-    expected = weights_hash(autoencoder)
+def check_cache(card: dict[str, Any], expected: str, where: str = "the latent cache") -> None:
+    """Refuse a cache whose latents came from another autoencoder (or latent statistics); `expected` is the
+    autoencoder's `weights_hash`."""
     if card.get("autoencoder_sha256") != expected:
         raise ValueError(
             f"{where} was written with autoencoder {card.get('autoencoder_sha256')} ({card.get('autoencoder')}), but "
@@ -98,7 +98,7 @@ def cache_latents(autoencoder: AutoencoderKL, source: str | Sequence[str], out_d
                 "source": [str(u) for u in urls], "autoencoder": autoencoder.config}
     card_path = out / CARD
     if card_path.is_file():
-        check_cache(read_card(out), autoencoder, f"the existing cache in {out}")
+        check_cache(read_card(out), identity["autoencoder_sha256"], f"the existing cache in {out}")
     elif rank == 0:
         card_path.write_text(json.dumps(identity, indent=2))
     summary = CacheSummary()

@@ -171,7 +171,7 @@ class DiffusionModule(L.LightningModule):
         check_latent_size(getattr(datamodule, "resolution", None), self.autoencoder, self.backbone)
         card = getattr(datamodule, "cache_card", None)
         if card is not None:  # training from a latent cache: it must come from this very autoencoder
-            check_cache(card, self.autoencoder, f"the latent cache {card.get('path', '')}")
+            check_cache(card, self.autoencoder_sha256, f"the latent cache {card.get('path', '')}")
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
