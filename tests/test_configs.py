@@ -37,18 +37,19 @@ def experiment_overrides(name: str, tmp_path: Path, shapes_root: Path, vgg_file:
     if OmegaConf.select(cfg, "model.loss.perceptual") is not None:
         out.append(f"model.loss.perceptual.vgg_weights={vgg_file}")
     if cfg.model._target_.endswith("DiffusionModule"):
-        out += [f"model.autoencoder.path={tiny_export(tmp_path)}", "model.text_encoder.pretrained=null"]
+        out += [f"model.autoencoder.path={tiny_export(tmp_path, cfg.model.backbone.in_channels)}",
+                "model.text_encoder.pretrained=null"]
     return out
 
 
-def tiny_export(tmp_path: Path) -> Path:
-    """A randomly initialised f4 c4 autoencoder with latent statistics, exported as stage 1 would."""
+def tiny_export(tmp_path: Path, latent_channels: int = 4) -> Path:
+    """A randomly initialised f4 autoencoder with latent statistics, exported as stage 1 would."""
     from ldm.models.autoencoder.export import export_autoencoder
     from ldm.models.autoencoder.kl import AutoencoderKL
 
-    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=latent_channels,
                        mid_attention=False, norm_groups=4)
-    ae.set_latent_stats(0.5, torch.zeros(4), torch.ones(4))
+    ae.set_latent_stats(0.5, torch.zeros(latent_channels), torch.ones(latent_channels))
     return export_autoencoder(ae, tmp_path / "ae_export")
 
 
@@ -158,7 +159,7 @@ def test_stage2_diffusion_groups_compose_into_the_process(schedule: str, paramet
                                                           tmp_path: Path) -> None:
     cfg = compose_cfg("experiment=ldm_tiny", f"paths.output_dir={tmp_path}", f"diffusion/schedule={schedule}",
                       f"diffusion/parameterization={parameterization}", "model.text_encoder.pretrained=null",
-                      f"model.autoencoder.path={tiny_export(tmp_path)}")
+                      f"model.autoencoder.path={tiny_export(tmp_path, latent_channels=16)}")
     process = hydra.utils.instantiate(cfg.model.process)
     assert type(process.base_schedule).__name__.lower().startswith(schedule.replace("_", ""))
     assert type(process.parameterization).__name__.lower().startswith(parameterization)
