@@ -26,9 +26,10 @@ Spacings: our `discrete_sigmas` ones (leading with SD's steps_offset = 1, traili
 exponential, uniform in log-SNR: diffusers' use_exponential_sigmas). Where diffusers defines a spacing differently
 (DPM-Solver's and UniPC's leading/linspace take n of n + 1 points; DDIM's linspace rounds the timesteps but still steps
 to t - T // n), the ratio is not 1 and measures the two definitions. Our unipc (UniPC-2, bh2) runs against diffusers'
-UniPCMultistepScheduler(solver_type="bh2", solver_order=2); one diffusers-only solver, DPM-Solver++(3M), is included
-so that "best diffusers configuration" means what it says. A cell reads "fails" where diffusers raises (its multistep
-solvers on repeated rounded timesteps, e.g. cosine + karras).
+UniPCMultistepScheduler(solver_type="bh2", solver_order=2), our dpmpp_3m against its solver_order=3 (DPM-Solver++ 3M);
+diffusers' UniPC-3 joins the flow tables as a diffusers-only row, so that "best diffusers configuration" means what it
+says. A cell reads "fails" where diffusers raises (its multistep solvers on repeated rounded timesteps, e.g. cosine +
+karras).
 
 Rectified flow (--schedule rectified_flow): x_t = (1 - t) x0 + t eps from pure noise at t = 1; the reference is the
 velocity ODE E[eps - x0 | x_t], smooth on [0, 1], integrated to t = 0 (no sigma_min floor); ours run through
@@ -74,8 +75,8 @@ from ldm.diffusion.spacing import OPEN_END_STEPS, SIGMA_SPACINGS, discrete_sigma
 from ldm.diffusion.spacing import SPACINGS as TIMESTEP_SPACINGS
 
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS  # leading, trailing, linspace, karras, exponential
-DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
-DIFFUSERS_ONLY = ("dpmpp_3m",)  # diffusers' stronger solvers, rows without an "ours"
+DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
+DIFFUSERS_ONLY: tuple[str, ...] = ()  # diffusers' solvers we lack: rows without an "ours"
 STOCHASTIC = ("euler_ancestral", "ddpm", "dpmpp_2m_sde")
 LEADING_OFFSET = 1  # Stable Diffusion's steps_offset, on both sides
 # schedule name -> (our schedule, diffusers' beta arguments)
@@ -339,8 +340,8 @@ def best(results: Results, budget: int, side: int) -> str:
 # velocity, each evaluated at the flow sigma it steps from, started from x = n as their pipelines do (DPM-Solver's
 # and UniPC's flow ladders start below t = 1, at 0.999 and 1 - 1e-6, so that truncation counts as error).
 
-FLOW_DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
-FLOW_DIFFUSERS_ONLY = ("dpmpp_3m", "unipc_3")
+FLOW_DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
+FLOW_DIFFUSERS_ONLY = ("unipc_3",)
 FLOW_DIFFUSERS = {
     "euler": FlowMatchEulerDiscreteScheduler,
     "heun": FlowMatchHeunDiscreteScheduler,

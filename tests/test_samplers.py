@@ -96,6 +96,8 @@ CASES = {
     "ddpm": (lambda **kw: DDPMScheduler(clip_sample=False, variance_type="fixed_small", **kw), "leading", 0),
     "dpmpp_2m": (lambda **kw: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **kw),
                  "trailing", 0),
+    "dpmpp_3m": (lambda **kw: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3, **kw),
+                 "trailing", 0),
     "dpmpp_2m_sde": (lambda **kw: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, **kw),
                      "trailing", 0),
     "unipc": (lambda **kw: UniPCMultistepScheduler(solver_order=2, solver_type="bh2", predict_x0=True,
@@ -129,7 +131,7 @@ def test_parity_with_diffusers(name: str, prediction_type: str) -> None:
 
 
 @pytest.mark.parametrize("zero_snr", [False, True])
-@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_parity_with_diffusers_exponential(name: str, zero_snr: bool) -> None:
     """Our "exponential" ladder against use_exponential_sigmas, where the solvers reach their best accuracy."""
     scheduler = CASES[name][0](**SD_BETAS, prediction_type="v_prediction", use_exponential_sigmas=True,
@@ -363,3 +365,22 @@ def test_zero_snr_stand_in_sigma_maps_to_the_last_timestep() -> None:
     assert torch.allclose(t, torch.tensor([999.0, 999.0]), atol=1e-3)
     knots = torch.arange(0, 999, 37, dtype=torch.float32)
     torch.testing.assert_close(schedule.sigma_to_t(schedule.t_to_sigma(knots)), knots, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("n", [4, 10, 20])
+def test_dpmpp_3m_parity_at_every_length(n: int) -> None:
+    """Third order from the third step on; below 15 steps the second-to-last step drops to second order (diffusers'
+    lower_order_final), from 15 on it stays third order. The third-order term must be what agrees, not vanish."""
+    from ldm.diffusion.samplers import sample_dpmpp_2m, sample_dpmpp_3m
+
+    factory = CASES["dpmpp_3m"][0]
+    scheduler = factory(**SD_BETAS, prediction_type="epsilon", timestep_spacing="trailing")
+    sigmas = discrete_sigmas(ScaledLinearSchedule(), n, "trailing")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, sigmas, noise, "epsilon", seed=1)
+    ours = sample_dpmpp_3m(analytic_denoiser, noise * sigmas[0], sigmas)
+    second_order = sample_dpmpp_2m(analytic_denoiser, noise * sigmas[0], sigmas)
+    scale = theirs.abs().max()
+    assert ((ours - theirs).abs().max() / scale).item() < 1e-5
+    gap = ((second_order - theirs).abs().max() / scale).item()
+    assert gap > 1e-3 if n >= 5 else gap < 1e-6  # 4 steps: orders 1, 2, 2 (lower order second), 1: it is 2M
