@@ -27,9 +27,9 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
-                       mid_attention=False, norm_groups=4)
-    ae.set_latent_stats(0.5, torch.zeros(4), torch.ones(4))
+    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16,
+                       mid_attention=False, norm_groups=4)  # experiment=ldm_tiny takes 16-channel latents
+    ae.set_latent_stats(0.5, torch.zeros(16), torch.ones(16))
     export = export_autoencoder(ae, run / "ae_export")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ldm_tiny", f"model.autoencoder.path={export}"])

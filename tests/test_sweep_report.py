@@ -233,9 +233,9 @@ def test_a_real_noise_schedule_sweep(tmp_path: Path, shapes_root: Path) -> None:
     from ldm.models.autoencoder.export import export_autoencoder
     from ldm.models.autoencoder.kl import AutoencoderKL
 
-    autoencoder = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
-                                mid_attention=False, norm_groups=4)
-    autoencoder.set_latent_stats(0.5, torch.zeros(4), torch.ones(4))
+    autoencoder = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16,
+                                mid_attention=False, norm_groups=4)  # experiment=ldm_tiny takes 16-channel latents
+    autoencoder.set_latent_stats(0.5, torch.zeros(16), torch.ones(16))
     export = export_autoencoder(autoencoder, tmp_path / "ae_export")
     tables = {}
     for logger in ("csv", "wandb"):
