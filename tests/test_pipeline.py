@@ -17,8 +17,8 @@ PROMPTS = ["a small red circle on a blue background", "a large green star on a w
            "a small blue cross in the top left corner, on a black background"]
 
 
-@pytest.fixture(scope="module")
-def pipeline() -> LatentDiffusionPipeline:
+def tiny_pipeline() -> LatentDiffusionPipeline:
+    """Random tiny parts on the cosine schedule with v-prediction, 32 px."""
     torch.manual_seed(0)
     ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
                        mid_attention=False, norm_groups=4)
@@ -30,6 +30,11 @@ def pipeline() -> LatentDiffusionPipeline:
     text = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=None)
     schedule = CosineSchedule()
     return LatentDiffusionPipeline(unet, text, ae, DiffusionProcess(schedule, VPrediction(schedule)), resolution=32).eval()
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> LatentDiffusionPipeline:
+    return tiny_pipeline()
 
 
 @pytest.fixture(autouse=True)

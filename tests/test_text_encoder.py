@@ -274,3 +274,42 @@ def test_vit_h14_text_tower_random_init() -> None:
     assert (encoder.width, encoder.pooled_dim, encoder.context_length) == (1024, 1024, 77)
     out = encoder.encode(["a photo of a cat"])
     assert out.tokens.shape == (1, 77, 1024) and out.pooled.shape == (1, 1024)
+
+
+def test_prompt_cache_is_exact_bounded_and_recency_ordered() -> None:
+    torch.manual_seed(0)
+    cached, plain = tiny(cache_size=3), tiny()
+    plain.load_state_dict(cached.state_dict())
+    batch = ["a red circle", "a blue star", "a red circle", ""]
+    first = cached.encode(batch)
+    for got, want in zip(first, plain.encode(batch)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # another batch size: rounding (1.5e-6)
+    assert list(cached._cache) == ["a blue star", "a red circle", ""]  # 3 distinct, last used last
+    calls = []
+    cached.text.token_embedding.register_forward_hook(lambda *args: calls.append(args[1][0].shape[0]))
+    again = cached.encode(["", "a red circle"])  # all cached: the tower does not run
+    assert calls == [] and torch.equal(again.tokens[1], first.tokens[0]) and torch.equal(again.pooled[0], first.pooled[3])
+    cached.encode(["a green cross"])  # one new prompt is encoded alone; the least recently used is dropped
+    assert calls == [1] and list(cached._cache) == ["", "a red circle", "a green cross"]
+
+
+def test_prompt_cache_follows_new_weights_and_autocast() -> None:
+    encoder = tiny(cache_size=8)
+    before = encoder.encode(["a red circle"]).tokens
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in encoder.state_dict().items()}
+    encoder.load_state_dict(state)
+    assert not torch.equal(encoder.encode(["a red circle"]).tokens, before)  # not the stale encoding
+    plain = tiny()
+    plain.load_state_dict(state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = encoder.encode(["a red circle"]).tokens
+        torch.testing.assert_close(under, plain.encode(["a red circle"]).tokens)  # dtype included
+    torch.testing.assert_close(encoder.encode(["a red circle"]).tokens, plain.encode(["a red circle"]).tokens)
+    assert not torch.equal(under.float(), plain.encode(["a red circle"]).tokens)  # not the autocast encoding
+
+
+def test_prompt_cache_needs_a_frozen_encoder() -> None:
+    with pytest.raises(ValueError, match="cache_size must be >= 0 and needs freeze=true"):
+        tiny(cache_size=4, freeze=False, trainable_layers=-1)
+    with pytest.raises(ValueError, match="cache_size must be >= 0"):
+        tiny(cache_size=-1)

@@ -7,20 +7,22 @@ they differ only in where denoising starts (strength) and what is held fixed (ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ldm.diffusion.diagnostics import STOCHASTIC_SAMPLERS, sampling_warning
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
 from ldm.diffusion.parameterization import Denoiser
 from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.samplers import get_sampler, sample_from_noise
-from ldm.diffusion.spacing import sampling_sigmas, strength_sigmas
+from ldm.diffusion.spacing import SIGMA_SPACINGS, SPACINGS, sampling_sigmas, strength_sigmas
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Backbone, Conditioning
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
@@ -55,6 +57,7 @@ class LatentDiffusionPipeline(nn.Module):
         self.weights = "raw"  # which backbone weights were loaded ("ema (N updates)" / "raw"), for the records
         self.backbone, self.text_encoder, self.autoencoder = backbone, text_encoder, autoencoder  # modes as given:
         self.process = process  # a training callback shares the module's parts and process
+        self._checked: set[tuple] = set()  # sampler combinations already checked by _check_sampler
         self.denoiser = Denoiser(self.backbone, process.parameterization)
 
     @property
@@ -119,6 +122,7 @@ class LatentDiffusionPipeline(nn.Module):
         repaint: int = 0,
         precision: Precision = "fp32",
         callback: StepCallback | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
     ) -> Generation:
         """One image per (prompt, seed); the noise of image i depends only on seeds[i] (a CPU generator), so the
         same seed gives the same image at any batch size and on any device (up to kernel rounding).
@@ -129,6 +133,10 @@ class LatentDiffusionPipeline(nn.Module):
             mask: (B or 1, 1, H, W), 1 = generate, 0 = keep `image` (needs `image`).
             repaint: 0 blends the known latents into any sampler's steps; R >= 1 runs RePaint with R resamplings
                 per step (DDPM steps; `sampler` is then ignored).
+            sampler_options: keyword options of the sampler function (eta, s_noise, order).
+
+        A sampler x ladder x steps combination that keeps the variance of unit Gaussian data off by more than 5%
+        (ldm.diffusion.diagnostics, in closed form) warns once, naming a better combination.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
@@ -149,11 +157,13 @@ class LatentDiffusionPipeline(nn.Module):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: device-independent noise
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(self.device)
 
+        options = dict(sampler_options or {})
+        self._check_sampler(sampler, spacing, steps, shape[-2:], options)
         sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:]), strength)
         denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
         # sample_from_noise: x = x0 + sigma_0 noise, and a first step from pure noise when sigma_0 is inf (flow)
         run = partial(sample_from_noise, sample_fn, noise=noise, sigmas=sigmas, generator=generators,
-                      callback=callback)
+                      callback=callback, **options)
         if image is None:
             latents = run(denoiser)
         else:
@@ -177,6 +187,21 @@ class LatentDiffusionPipeline(nn.Module):
         return self.resolution or 64 * self.autoencoder.downsample_factor
 
     # ------------------------------------------------------------------ helpers
+    def _check_sampler(self, sampler: str, spacing: str, steps: int, latent_size: tuple[int, int],
+                       options: dict[str, Any]) -> None:
+        """Warn once per combination when it is poor on Gaussian data (see `generate`); the alternatives are the
+        same sampler on every ladder and unipc (dpmpp_2m_sde for a stochastic sampler) on every ladder."""
+        key = (sampler, spacing, steps, tuple(latent_size), tuple(sorted(options.items())))
+        if key in self._checked:
+            return
+        self._checked.add(key)
+        fallback = "dpmpp_2m_sde" if sampler in STOCHASTIC_SAMPLERS else "unipc"
+        alternatives = [(s, p) for s in dict.fromkeys((sampler, fallback)) for p in SPACINGS + SIGMA_SPACINGS]
+        message = sampling_warning(sampler, spacing, steps, lambda p, n: self.sigmas(n, p, latent_size).cpu(),
+                                   alternatives=alternatives, **options)
+        if message is not None:
+            warnings.warn(message, stacklevel=4)  # the caller of generate (past torch.no_grad's wrapper)
+
     def _autocast(self, denoiser: Denoiser, precision: Precision) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,10 @@ class OpenCLIPTextEncoder(nn.Module):
         context_length: tokens per prompt; None keeps the model's (77). Shorter contexts keep the first
             positional embeddings of a checkpoint.
         model_config_dir: a folder of extra open_clip json configs, registered with `add_model_config`.
+        cache_size: a frozen encoder keeps the encodings of up to this many distinct prompts (least recently used
+            dropped first), exact since its weights never change: for data whose captions repeat (the built-in
+            shapes have a few hundred), where the text tower is ~12% of a tiny stage-2 step. 0 (the default, right
+            for web captions that rarely repeat) caches nothing.
     """
 
     def __init__(
@@ -57,8 +62,12 @@ class OpenCLIPTextEncoder(nn.Module):
         trainable_layers: int = 0,
         context_length: int | None = None,
         model_config_dir: str | None = None,
+        cache_size: int = 0,
     ) -> None:
         super().__init__()
+        if cache_size < 0 or (cache_size and not freeze):
+            raise ValueError(f"cache_size must be >= 0 and needs freeze=true (a trained encoder changes its "
+                             f"encodings), got cache_size={cache_size}, freeze={freeze}")
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
         register_config_dir(CONFIG_DIR)
@@ -86,6 +95,9 @@ class OpenCLIPTextEncoder(nn.Module):
         self._warned_truncation = False
         self._null: Conditioning | None = None  # cached "" encoding of a frozen encoder
         self._null_key: tuple[torch.device, torch.dtype] | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Conditioning] = OrderedDict()  # prompt -> batch-1 encoding, LRU order
+        self._cache_key: tuple[torch.device, torch.dtype, torch.dtype | None] | None = None
         self.register_load_state_dict_post_hook(_drop_null_cache)
         self.train(not freeze)
 
@@ -132,8 +144,28 @@ class OpenCLIPTextEncoder(nn.Module):
         return self._tokenizer(prompts, context_length=n)  # open_clip's own truncation (ends with EOT)
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """Tokenize and encode; "" is the unconditional prompt."""
-        return self(self.tokenize(prompts).to(self.text.token_embedding.weight.device))
+        """Tokenize and encode; "" is the unconditional prompt. With `cache_size`, only unseen prompts are encoded."""
+        device = self.text.token_embedding.weight.device
+        if not self.cache_size:
+            return self(self.tokenize(prompts).to(device))
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (device, self.text.token_embedding.weight.dtype, autocast)
+        if self._cache_key != key:  # stale after .to(), or encoded under another autocast dtype
+            self._cache.clear()
+            self._cache_key = key
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            cond = self(self.tokenize(missing).to(device))
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = Conditioning(*(None if t is None else t[i:i + 1] for t in cond))
+        rows = []
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+            rows.append(self._cache[prompt])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return Conditioning(*(None if f[0] is None else torch.cat(f) for f in zip(*rows)))
 
     def forward(self, tokens: Tensor) -> Conditioning:
         """Encode token ids (B, L <= context_length)."""
@@ -192,7 +224,8 @@ class OpenCLIPTextEncoder(nn.Module):
 
 
 def _drop_null_cache(module: OpenCLIPTextEncoder, incompatible_keys: object) -> None:
-    module._null = None  # new weights: the cached "" encoding is stale (a named function, so it pickles)
+    module._null = None  # new weights: the cached encodings are stale (a named function, so it pickles)
+    module._cache.clear()
 
 
 # ----------------------------------------------------------------------------------------------------
