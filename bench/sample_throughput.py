@@ -110,8 +110,8 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
     "ddim": partial(DDIMScheduler, clip_sample=False, set_alpha_to_one=True),
-    "unipc": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", predict_x0=True,
-                     final_sigmas_type="zero"),
+    "unipc": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2", predict_x0=True,
+                     final_sigmas_type="zero"),  # our unipc's default order
 }
 VE_SCHEDULERS = (EulerDiscreteScheduler, HeunDiscreteScheduler)  # hold x = x0 + sigma n; the others alpha x
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a wooden table",

@@ -25,11 +25,11 @@ steps, so its budget rounds down to the nearest odd number (9, 19, 49).
 Spacings: our `discrete_sigmas` ones (leading with SD's steps_offset = 1, trailing, linspace, karras, and
 exponential, uniform in log-SNR: diffusers' use_exponential_sigmas). Where diffusers defines a spacing differently
 (DPM-Solver's and UniPC's leading/linspace take n of n + 1 points; DDIM's linspace rounds the timesteps but still steps
-to t - T // n), the ratio is not 1 and measures the two definitions. Our unipc (UniPC-2, bh2) runs against diffusers'
-UniPCMultistepScheduler(solver_type="bh2", solver_order=2), our dpmpp_3m against its solver_order=3 (DPM-Solver++ 3M);
-diffusers' UniPC-3 joins the flow tables as a diffusers-only row, so that "best diffusers configuration" means what it
-says. A cell reads "fails" where diffusers raises (its multistep solvers on repeated rounded timesteps, e.g. cosine +
-karras).
+to t - T // n), the ratio is not 1 and measures the two definitions. Our unipc (UniPC-3 by default, bh2) runs against
+diffusers' UniPCMultistepScheduler(solver_type="bh2", solver_order=3), our dpmpp_3m against DPMSolverMultistepScheduler
+(solver_order=3, DPM-Solver++ 3M); diffusers' default UniPC-2 joins as a diffusers-only row, so that "best diffusers
+configuration" means what it says. A cell reads "fails" where diffusers raises (its multistep solvers on repeated
+rounded timesteps, e.g. cosine + karras).
 
 Rectified flow (--schedule rectified_flow): x_t = (1 - t) x0 + t eps from pure noise at t = 1; the reference is the
 velocity ODE E[eps - x0 | x_t], smooth on [0, 1], integrated to t = 0 (no sigma_min floor); ours run through
@@ -56,7 +56,9 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -68,15 +70,24 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from ldm.diffusion import spacing as spacing_module
-from ldm.diffusion.samplers import SAMPLERS, get_sampler, sample_from_noise
-from ldm.diffusion.schedules import CosineSchedule, DiscreteSchedule, RectifiedFlow, ScaledLinearSchedule
+from ldm.diffusion.samplers import SAMPLERS, auto_sampler, get_sampler, sample_from_noise
+from ldm.diffusion.schedules import (
+    CosineSchedule,
+    DiscreteSchedule,
+    KarrasSchedule,
+    LinearSchedule,
+    RectifiedFlow,
+    ScaledLinearSchedule,
+    ShiftedCosineSchedule,
+    SigmoidSchedule,
+)
 from ldm.diffusion.shift import TimestepShift
 from ldm.diffusion.spacing import OPEN_END_STEPS, SIGMA_SPACINGS, discrete_sigmas, sampling_sigmas
 from ldm.diffusion.spacing import SPACINGS as TIMESTEP_SPACINGS
 
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS  # leading, trailing, linspace, karras, exponential
 DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
-DIFFUSERS_ONLY: tuple[str, ...] = ()  # diffusers' solvers we lack: rows without an "ours"
+DIFFUSERS_ONLY: tuple[str, ...] = ("unipc_2",)  # diffusers' configurations without an "ours" row (its default UniPC)
 STOCHASTIC = ("euler_ancestral", "ddpm", "dpmpp_2m_sde")
 LEADING_OFFSET = 1  # Stable Diffusion's steps_offset, on both sides
 # schedule name -> (our schedule, diffusers' beta arguments)
@@ -98,8 +109,10 @@ DIFFUSERS = {
                             final_sigmas_type="zero"),
     "dpmpp_3m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=3,
                         final_sigmas_type="zero"),
-    "unipc": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", predict_x0=True,
+    "unipc": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2", predict_x0=True,
                      lower_order_final=True, final_sigmas_type="zero"),
+    "unipc_2": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", predict_x0=True,
+                       lower_order_final=True, final_sigmas_type="zero"),
 }
 VE_SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)  # hold x = x0 + sigma n
 
@@ -237,6 +250,8 @@ def diffusers_scheduler(name: str, spacing: str, schedule: str):
     """diffusers' scheduler for sampler `name` with the same spacing, or None where it has no such option."""
     factory = DIFFUSERS[name]
     kwargs = {"num_train_timesteps": 1000, "prediction_type": "epsilon", **SCHEDULES[schedule][1]}
+    if spacing not in ("karras", "exponential", *TIMESTEP_SPACINGS):
+        return None  # exponential_capped: ours only
     if spacing in ("karras", "exponential"):
         if f"use_{spacing}_sigmas" not in inspect.signature(factory).parameters:
             return None
@@ -341,14 +356,14 @@ def best(results: Results, budget: int, side: int) -> str:
 # and UniPC's flow ladders start below t = 1, at 0.999 and 1 - 1e-6, so that truncation counts as error).
 
 FLOW_DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
-FLOW_DIFFUSERS_ONLY = ("unipc_3",)
+FLOW_DIFFUSERS_ONLY = ("unipc_2",)
 FLOW_DIFFUSERS = {
     "euler": FlowMatchEulerDiscreteScheduler,
     "heun": FlowMatchHeunDiscreteScheduler,
     "dpmpp_2m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2),
     "dpmpp_3m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=3),
-    "unipc": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", lower_order_final=True),
-    "unipc_3": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2", lower_order_final=True),
+    "unipc": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2", lower_order_final=True),
+    "unipc_2": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2", lower_order_final=True),
 }
 
 
@@ -436,7 +451,7 @@ def run_flow_grid(names: tuple[str, ...], spacings: tuple[str, ...], budgets: li
                 continue
             row = results.setdefault((name, spacing), {})
             for budget in budgets:
-                n = steps_for(name.removesuffix("_3"), budget)
+                n = steps_for(name.removesuffix("_2"), budget)
                 ours = theirs = nfe = None
                 if name in SAMPLERS:
                     x, nfe = run_ours_flow(name, mixture, noise, flow_ladder(n, spacing))
@@ -502,6 +517,179 @@ def main_flow(args: argparse.Namespace) -> None:
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The default against diffusers' best (--family): every shipped schedule, a family of generated mixtures, 10-50 NFE.
+# "Best" is the configuration with the lowest geometric-mean error over the mixtures, per schedule and NFE, among all of
+# diffusers' multistep solvers (DPM-Solver++ 2M and 3M, UniPC-2 and UniPC-3 with B(h) = e^h - 1, UniPC-3 with
+# B(h) = h ("bh1"), DEIS-3) on every ladder it offers (leading, trailing, linspace, karras, exponential, beta; EDM: its EDM DPM-Solver on
+# karras and exponential; the flow: its flow sigmas at shift 1 and 3, FlowMatchEuler included).
+
+# schedule name -> our schedule; diffusers sees the same betas (trained_betas), rescaled by its own zero-SNR option
+FAMILY_SCHEDULES: dict[str, Callable[[], object]] = {
+    "scaled_linear": ScaledLinearSchedule, "linear": LinearSchedule, "cosine": CosineSchedule,
+    "sigmoid": SigmoidSchedule,
+    "scaled_linear_zero_snr": partial(ScaledLinearSchedule, zero_terminal_snr=True),
+    "linear_zero_snr": partial(LinearSchedule, zero_terminal_snr=True),
+    "cosine_zero_snr": partial(CosineSchedule, zero_terminal_snr=True),
+    "edm": KarrasSchedule, "shifted_cosine": ShiftedCosineSchedule, "rectified_flow": RectifiedFlow,
+}
+FAMILY_SOLVERS = {
+    "dpmpp_2m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2),
+    "dpmpp_3m": partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=3),
+    "unipc_2": partial(UniPCMultistepScheduler, solver_order=2, solver_type="bh2"),
+    "unipc_3": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh2"),
+    "unipc_3_bh1": partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh1"),
+    "deis_3": partial(DEISMultistepScheduler, solver_order=3),
+}
+FAMILY_LADDERS = ("leading", "trailing", "linspace", "karras", "exponential", "beta")
+
+
+def random_mixture(seed: int) -> tuple[GaussianMixture, str]:
+    """A mixture unlike make_mixture's: 4-64 dims, 1-12 components, mean spread 0.3-2, per-dimension stds log-uniform
+    in [0.1, 2] (variances 0.01-4), softmax-normal weights; not rescaled. Returns it and a short description."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    dim = (4, 8, 16, 32, 64)[int(torch.randint(5, (1,), generator=g))]
+    k = int(torch.randint(1, 13, (1,), generator=g))
+    spread = math.exp(torch.empty(1, dtype=torch.float64).uniform_(math.log(0.3), math.log(2.0), generator=g).item())
+    means = torch.randn(k, dim, generator=g, dtype=torch.float64) * spread
+    stds = torch.empty(k, dim, dtype=torch.float64).uniform_(math.log(0.1), math.log(2.0), generator=g).exp()
+    log_weights = torch.randn(k, generator=g, dtype=torch.float64).log_softmax(0)
+    return GaussianMixture(means, stds, log_weights), f"{k} in {dim}d, spread {spread:.2f}"
+
+
+def schedule_ends(schedule) -> tuple[float, float]:
+    """(sigma_min, sigma_max) that samplers see: the finite zero-SNR stand-in for a discrete schedule, inf for a flow."""
+    if isinstance(schedule, RectifiedFlow):
+        return 0.0, math.inf
+    if schedule.discrete:
+        table = spacing_module.finite_sigmas(schedule.sigmas)
+        return table[0].item(), table[-1].item()
+    return tuple(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)).tolist())
+
+
+def diffusers_betas(name: str, schedule) -> dict:
+    """diffusers' arguments for our schedule: its betas (before our zero-SNR rescale, which diffusers then applies
+    itself), or for shifted_cosine its alpha_bar sampled at t = k / 999 (diffusers has no continuous schedules)."""
+    if schedule.discrete:
+        base = FAMILY_SCHEDULES[name.removesuffix("_zero_snr")]()
+        return {"trained_betas": base.betas.numpy(), "rescale_betas_zero_snr": name.endswith("_zero_snr")}
+    alpha_bar = torch.sigmoid(schedule.logsnr(torch.linspace(0, 1, 1000, dtype=torch.float64)))
+    betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return {"trained_betas": betas.clamp(max=0.9999).numpy()}
+
+
+def run_diffusers_edm(order: int, ladder: str, n: int, mixture: GaussianMixture, noise: Tensor) -> Tensor:
+    """diffusers' EDMDPMSolverMultistepScheduler (sigma_data 1, eps parameterization) with the exact D: its network
+    output F solves D = c_skip x + c_out F."""
+    scheduler = EDMDPMSolverMultistepScheduler(solver_order=order, sigma_schedule=ladder, final_sigmas_type="zero",
+                                               sigma_data=1.0)
+    scheduler.set_timesteps(n)
+    x = noise * float(scheduler.sigmas[0])
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = float(scheduler.sigmas[i])
+        c_skip, c_out = 1 / (sigma**2 + 1), sigma / (sigma**2 + 1) ** 0.5
+        scheduler.scale_model_input(x, t)  # sets its step index, as a pipeline's call does
+        x = scheduler.step((mixture.denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample
+    return x
+
+
+def diffusers_family(name: str, schedule, n: int, mixture: GaussianMixture, noise: Tensor) -> dict[str, Tensor]:
+    """Every diffusers configuration's samples for `schedule` at n steps, by "solver/ladder"; a configuration that
+    raises (its multistep solvers on repeated rounded timesteps) is left out."""
+    out: dict[str, Tensor] = {}
+    if name == "edm":
+        for order in (2, 3):
+            for ladder in ("karras", "exponential"):
+                out[f"edm_dpmpp_{order}m/{ladder}"] = run_diffusers_edm(order, ladder, n, mixture, noise)
+        return out
+    if name == "rectified_flow":
+        for shift in (1.0, 3.0):
+            for solver, factory in FAMILY_SOLVERS.items():
+                if solver.startswith("deis"):
+                    continue  # no flow sigmas in DEIS's step
+                scheduler = factory(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+                out[f"{solver}/flow_shift{shift:g}"] = run_diffusers_flow(scheduler, n, mixture, noise)[0]
+            euler = FlowMatchEulerDiscreteScheduler(shift=shift)
+            out[f"euler/flow_shift{shift:g}"] = run_diffusers_flow(euler, n, mixture, noise)[0]
+        return out
+    betas = diffusers_betas(name, schedule)
+    for solver, factory in FAMILY_SOLVERS.items():
+        solver_betas = dict(betas)
+        if "rescale_betas_zero_snr" not in inspect.signature(factory.func).parameters:
+            if solver_betas.pop("rescale_betas_zero_snr", False):
+                continue  # DEIS has no zero-SNR option
+        for ladder in FAMILY_LADDERS:
+            kwargs = {"num_train_timesteps": 1000, "prediction_type": "epsilon", **solver_betas}
+            if ladder in ("karras", "exponential", "beta"):
+                kwargs[f"use_{ladder}_sigmas"] = True
+            else:
+                kwargs |= {"timestep_spacing": ladder, "steps_offset": LEADING_OFFSET if ladder == "leading" else 0}
+            try:
+                out[f"{solver}/{ladder}"] = run_diffusers(factory(**kwargs), n, mixture, noise)[0]
+            except (IndexError, AssertionError, ValueError, ImportError):  # repeated timesteps; beta needs scipy
+                continue
+    return out
+
+
+def ours_family(schedule, n: int, mixture: GaussianMixture, noise: Tensor,
+                contenders: dict[str, tuple[str, str, dict]]) -> dict[str, Tensor]:
+    """Our contenders' samples ("label" -> (sampler, spacing, options)) through sample_from_noise, as the pipeline
+    runs them; "auto" spacing resolves per schedule and steps as the pipeline's does."""
+    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        return mixture.denoise(x, sigma)
+
+    out = {}
+    for label, (sampler, spacing, options) in contenders.items():
+        sampler = auto_sampler(n) if sampler == "auto" else sampler
+        sigmas = sampling_sigmas(schedule, n, spacing, sampler=sampler).double()
+        out[label] = sample_from_noise(sampler, denoiser, noise, sigmas, **options)
+    return out
+
+
+DEFAULT_CONTENDERS = {"default": ("auto", "auto", {}), "unipc/exponential_capped": ("unipc", "exponential_capped", {}),
+                      "deis/karras_capped": ("deis", "karras_capped", {})}
+
+
+def main_family(args: argparse.Namespace, contenders: dict[str, tuple[str, str, dict]] | None = None) -> dict:
+    """The table of our default against diffusers' best per schedule and NFE (geometric means over the mixtures);
+    returns {schedule: {nfe: {config: geometric-mean error}}}."""
+    contenders = contenders or DEFAULT_CONTENDERS
+    start = time.perf_counter()
+    mixtures = [random_mixture(seed) for seed in range(args.mixtures)]
+    print(f"{len(mixtures)} mixtures: " + "; ".join(d for _, d in mixtures) + f"; {args.num_samples} noises each\n")
+    print("| schedule | NFE | " + " | ".join(contenders) + " | diffusers' best | ratio |")
+    print("| --- | --- | " + " | ".join("---" for _ in contenders) + " | --- | --- |")
+    results: dict = {}
+    for name in args.family_schedules:
+        schedule = FAMILY_SCHEDULES[name]()
+        sigma_min, sigma_max = schedule_ends(schedule)
+        logs: dict[int, dict[str, list[float]]] = {n: {} for n in args.nfe}
+        for seed, (mixture, _) in enumerate(mixtures):
+            g = torch.Generator().manual_seed(seed + 7)
+            noise = torch.randn(args.num_samples, mixture.means.shape[1], generator=g, dtype=torch.float64)
+            x_ref = flow_reference(mixture, noise) if math.isinf(sigma_max) else \
+                reference(mixture, noise, sigma_max, sigma_min)[0]
+            for n in args.nfe:
+                samples = {**ours_family(schedule, n, mixture, noise, contenders),
+                           **{f"diffusers {k}": v for k, v in diffusers_family(name, schedule, n, mixture,
+                                                                                noise).items()}}
+                for label, x in samples.items():
+                    error = median_relative_error(x, x_ref)
+                    if math.isfinite(error) and error > 0:  # a NaN or inf run drops that configuration
+                        logs[n].setdefault(label, []).append(math.log(error))
+        results[name] = {}
+        for n in args.nfe:
+            means = {label: math.exp(sum(v) / len(v)) for label, v in logs[n].items() if len(v) == len(mixtures)}
+            results[name][n] = means
+            theirs = min((v, k) for k, v in means.items() if k.startswith("diffusers "))
+            cells = " | ".join(f"{means[label]:.2e}" for label in contenders)
+            ratio = means[next(iter(contenders))] / theirs[0]
+            print(f"| {name} | {n} | {cells} | {theirs[0]:.2e} ({theirs[1].removeprefix('diffusers ')}) | "
+                  f"{ratio:.2f} |", flush=True)
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=256, help="starting noises with an ODE reference")
@@ -518,10 +706,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="rectified_flow: extra exponential ladders with these OPEN_END_STEPS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    parser.add_argument("--family", action="store_true",
+                        help="the default sampler + ladder against diffusers' best on every shipped schedule")
+    parser.add_argument("--family-schedules", nargs="+", choices=list(FAMILY_SCHEDULES), default=list(FAMILY_SCHEDULES))
+    parser.add_argument("--mixtures", type=int, default=6, help="--family: generated mixtures per schedule")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.num_stochastic, args.dim, args.components, args.nfe = 8, 64, 4, 3, [5, 10]
     torch.set_num_threads(1)  # tiny tensors: more threads only spin on a shared machine
+    if args.family:
+        if args.quick:
+            args.mixtures, args.num_samples, args.nfe = 2, 8, [10]
+        elif args.nfe == [5, 10, 20, 50]:
+            args.nfe, args.num_samples = [10, 15, 20, 30, 50], min(args.num_samples, 128)
+        main_family(args)
+        return None
     if args.schedule == "rectified_flow":
         return main_flow(args)
 

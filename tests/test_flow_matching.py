@@ -304,15 +304,19 @@ def test_flow_ladder_ends() -> None:
 
 def test_flow_sigma_spacings_and_auto() -> None:
     """Sigma spacings on the open range 0 .. inf: one exact step from pure noise to 1.5 n, then down to 1 / (1.5 n)
-    (OPEN_END_STEPS), then 0; "auto" on the flow (bench/samplers.py --schedule rectified_flow)."""
-    assert auto_spacing(RectifiedFlow()) == auto_spacing(TimestepShift(3.0).apply(RectifiedFlow())) == "exponential"
-    assert auto_spacing(ScaledLinearSchedule()) == "exponential"  # the rules for closed ranges stay
-    assert auto_spacing(RectifiedFlow(1e-3, 0.999)) == "trailing"
+    (OPEN_END_STEPS), then 0; "auto" (exponential_capped) caps the top at 0.5 n instead (bench/samplers.py --family)."""
+    for schedule in (RectifiedFlow(), TimestepShift(3.0).apply(RectifiedFlow()), ScaledLinearSchedule(),
+                     RectifiedFlow(1e-3, 0.999)):  # one rule for every schedule
+        assert auto_spacing(schedule) == auto_spacing(schedule, "unipc") == "exponential_capped"
+        assert auto_spacing(schedule, "deis") == auto_spacing(schedule, "heun") == "karras_capped"
     n = 10
     sigmas = sampling_sigmas(RectifiedFlow(), n, "auto").double()
     assert sigmas[0] == math.inf and sigmas[-1] == 0 and len(sigmas) == n + 1
-    close(sigmas[1:-1], torch.logspace(math.log10(1.5 * n), math.log10(1 / (1.5 * n)), n - 1, dtype=torch.float64),
+    close(sigmas[1:-1], torch.logspace(math.log10(0.5 * n), math.log10(1 / (1.5 * n)), n - 1, dtype=torch.float64),
           rtol=1e-6)
+    exponential = sampling_sigmas(RectifiedFlow(), n, "exponential").double()
+    close(exponential[1:-1], torch.logspace(math.log10(1.5 * n), math.log10(1 / (1.5 * n)), n - 1,
+                                            dtype=torch.float64), rtol=1e-6)
     karras = sampling_sigmas(RectifiedFlow(), n, "karras").double()
     close(karras[[1, -2]], [1.5 * n, 1 / (1.5 * n)], rtol=1e-6)
     for spacing in ("exponential", "karras", "linspace"):  # the shift moves every ladder by its factor
@@ -506,4 +510,4 @@ def test_flow_oracle_reference_and_harness() -> None:
 def test_flow_oracle_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
     _bench().main(["--schedule", "rectified_flow", "--quick"])
     out = capsys.readouterr().out
-    assert "| unipc | exponential |" in out and "| unipc_3 | linspace_s1 |" in out and "best at NFE <= 10" in out
+    assert "| unipc | exponential |" in out and "| unipc_2 | linspace_s1 |" in out and "best at NFE <= 10" in out

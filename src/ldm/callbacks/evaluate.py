@@ -44,7 +44,7 @@ class EvaluateCallback(SamplingCallback):
     def __init__(self, shards: str | Sequence[str], num_samples: int = 1000, *,
                  features: FeatureExtractor | None = None, clip_score: CLIPScore | None = None,
                  metrics: Sequence[str] = ("fid", "clip_score"), every_n_steps: int = 5000, seed: int = 0,
-                 sampler: str = "unipc", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
+                 sampler: str = "auto", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
                  guidance_rescale: float = 0.0, batch_size: int = 16, reference: str | None = None,
                  kid_subset_size: int | None = None, kid_subsets: int = 100, use_ema: bool = True,
                  resolution: int | None = None) -> None:

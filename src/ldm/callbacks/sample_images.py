@@ -30,7 +30,7 @@ class SampleImages(SamplingCallback):
     """
 
     def __init__(self, prompts: Sequence[str], images_per_prompt: int = 4, seed: int = 0, every_n_steps: int = 1000,
-                 sampler: str = "unipc", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
+                 sampler: str = "auto", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
                  guidance_rescale: float = 0.0, batch_size: int = 8, use_ema: bool = True,
                  resolution: int | None = None) -> None:
         if not prompts:

@@ -20,7 +20,8 @@ from torch import Tensor
 from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule, sigmas_karras
 
 Spacing = Literal["leading", "trailing", "linspace"]  # timestep spacings
-SigmaSpacing = Literal["karras", "exponential"]  # spaced in sigma between the schedule's ends
+# spaced in sigma between the schedule's ends; the capped ones start their spacing at a cap below a large sigma_max
+SigmaSpacing = Literal["karras", "exponential", "exponential_capped", "karras_capped"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 SIGMA_SPACINGS: tuple[str, ...] = get_args(SigmaSpacing)
 ZERO_SNR_SIGMA: float = (2.0**24 - 1) ** 0.5  # VE sigma at alpha_bar = 2^-24
@@ -69,11 +70,36 @@ def sigmas_at_timesteps(table: Tensor, timesteps: Tensor) -> Tensor:
     return table[low] + w * (table[low + 1] - table[low])
 
 
+# the capped ladders' spacing starts at sigma_cap = CAP_STEPS[spacing] * n (chosen on bench/samplers.py --family)
+CAP_STEPS: dict[str, float] = {"exponential_capped": 0.5, "karras_capped": 2.0}
+
+
+def sigmas_capped(spacing: str, n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """n float64 sigmas, then 0: "exponential" (uniform in ln sigma) or "karras" spacing from sigma_min up to sigma_cap
+    = CAP_STEPS[spacing] n, after one first step from sigma_max (inf allowed: pure noise) down to sigma_cap when
+    sigma_max is above it; the plain spacing otherwise. Above sigma_cap the data is ~1/sigma_cap^2 of x's variance and
+    D barely moves, yet an even log-sigma ladder up to cosine's 2e4 or zero-SNR's 4096 spent a third of its steps
+    there; one exponential-integrator step covers that range with an error of O(Var(data) / sigma_cap^2) relative,
+    shrinking with n as the solver's own error does. bench/samplers.py --family compares caps from 0.25 n to 2 n."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    kind = spacing.removesuffix("_capped")
+    cap = CAP_STEPS[spacing] * n
+    if sigma_max <= cap or n == 1:
+        if not math.isfinite(sigma_max):
+            return torch.tensor([math.inf, 0.0], dtype=torch.float64)
+        return _sigma_spaced(kind, n, sigma_min, sigma_max, rho)
+    first = torch.tensor([sigma_max], dtype=torch.float64)
+    return torch.cat([first, _sigma_spaced(kind, n - 1, sigma_min, max(cap, sigma_min), rho)])
+
+
 def _sigma_spaced(spacing: SigmaSpacing, n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     if spacing == "karras":
         return sigmas_karras(n, sigma_min, sigma_max, rho).to(torch.float64)
+    if spacing in CAP_STEPS:
+        return sigmas_capped(spacing, n, sigma_min, sigma_max, rho)
     return sigmas_exponential(n, sigma_min, sigma_max)
 
 
@@ -102,7 +128,6 @@ def discrete_sigmas(
     return sigmas.to(device=device, dtype=dtype)
 
 
-AUTO_EXPONENTIAL_MAX_SIGMA = 100.0
 OPEN_END_STEPS = 1.5  # sigma spacings stop 1 / (OPEN_END_STEPS n + 1) of t inside an open end (sigma 0 or inf)
 
 
@@ -114,20 +139,16 @@ def _open_ends(schedule: NoiseSchedule) -> tuple[bool, bool]:
     return low == 0, math.isinf(high)
 
 
-def auto_spacing(schedule: NoiseSchedule) -> Spacing | SigmaSpacing:
-    """"exponential" (even in log-SNR) when the schedule's finite sigma_max is at most 100 (scaled_linear: 14.6),
-    else "trailing". On the Gaussian-mixture bench (bench/RESULTS.md) exponential is 10-260x more accurate than
-    trailing on scaled_linear, but an even log-sigma ladder up to cosine's 2e4 or the zero-SNR stand-in 4096 spends
-    its steps where nothing happens, and there trailing wins (5x at 10 steps). A continuous schedule with an open
-    end (rectified flow, sigma 0 .. inf) gets "exponential" between OPEN_END_STEPS ends after an exact first step
-    from pure noise: for unipc 2.3-3.2x and for dpmpp_2m 1.4-2.6x more accurate than the t-uniform ladder of SD3 and
-    Flux at 10-50 steps, over five mixtures (bench/samplers.py --schedule rectified_flow --sweep, which also shows
-    OPEN_END_STEPS 1, 2 and 3 behind 1.5 for unipc at 10-30 steps); Euler and Heun do better on "linspace", the
-    t-uniform one."""
-    if any(_open_ends(schedule)):
-        return "exponential"
-    ends = finite_sigmas(schedule.t_to_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)))
-    return "exponential" if ends.max().item() <= AUTO_EXPONENTIAL_MAX_SIGMA else "trailing"
+def auto_spacing(schedule: NoiseSchedule, sampler: str | None = None) -> Spacing | SigmaSpacing:
+    """The default ladder, for every schedule: "karras_capped" for DEIS (its few-step regime) and Heun (whose trapezoid
+    diverges over a huge first step: on a unit Gaussian it keeps 2.1x the variance at 15 steps on cosine, against
+    7000x on exponential_capped), "exponential_capped" (even in log-SNR below 0.5 n, one first step from sigma_max)
+    for every other sampler. With UniPC-3 that is at
+    least as accurate as diffusers' best configuration on every shipped schedule at 15-50 evaluations, and DEIS-3 on
+    karras_capped at 10 (bench/samplers.py --family: 6 generated Gaussian mixtures per schedule, table in
+    bench/RESULTS.md). `samplers.auto_sampler` picks between the two by the number of steps."""
+    del schedule  # one rule for all: the cap adapts the ladder to sigma_max, the open ends to flows
+    return "karras_capped" if sampler in ("deis", "heun") else "exponential_capped"
 
 
 def _continuous_sigma_spaced(schedule: NoiseSchedule, n: int, spacing: SigmaSpacing) -> Tensor:
@@ -136,6 +157,10 @@ def _continuous_sigma_spaced(schedule: NoiseSchedule, n: int, spacing: SigmaSpac
     exact step from pure noise (samplers.sample_from_noise) before the n - 1 spaced sigmas."""
     zero_at_min, inf_at_max = _open_ends(schedule)
     dt = (schedule.t_max - schedule.t_min) / (OPEN_END_STEPS * n + 1)
+    if spacing in CAP_STEPS:  # an infinite top is one more first step, from pure noise to the cap
+        sigma_min = schedule.t_to_sigma(torch.tensor([schedule.t_min + dt * zero_at_min], dtype=torch.float64)).item()
+        sigma_max = schedule.t_to_sigma(torch.tensor([schedule.t_max], dtype=torch.float64)).item()
+        return sigmas_capped(spacing, n, sigma_min, sigma_max)
     t = torch.tensor([schedule.t_min + dt * zero_at_min, schedule.t_max - dt * inf_at_max], dtype=torch.float64)
     sigma_min, sigma_max = schedule.t_to_sigma(t).tolist()
     points = n - int(inf_at_max)
@@ -148,17 +173,19 @@ def sampling_sigmas(
     n: int,
     spacing: Spacing | SigmaSpacing | Literal["auto"] = "auto",
     *,
+    sampler: str | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """(n + 1,) descending VE sigmas ending in 0 for any schedule: `discrete_sigmas` for DDPM schedules (finite: a
     zero terminal SNR becomes diffusers' stand-in); for continuous ones "karras" or "exponential" between the
     schedule's ends (`_continuous_sigma_spaced`), or (any other spacing) t evenly spaced, the schedule's own
     get_sigmas. A continuous schedule that reaches SNR 0 (rectified flow's t = 1) gives a ladder from sigma = inf:
-    run it with `samplers.sample_from_noise`, which takes that first step exactly. "auto" picks by `auto_spacing`."""
+    run it with `samplers.sample_from_noise`, which takes that first step exactly. "auto" picks by `auto_spacing`
+    for `sampler`."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     if spacing == "auto":
-        spacing = auto_spacing(schedule)
+        spacing = auto_spacing(schedule, sampler)
     if schedule.discrete:
         return discrete_sigmas(schedule, n, spacing, device=device)
     if spacing in SIGMA_SPACINGS:

@@ -21,7 +21,7 @@ from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
 from ldm.diffusion.parameterization import Denoiser
 from ldm.diffusion.process import DiffusionProcess
-from ldm.diffusion.samplers import get_sampler, sample_from_noise
+from ldm.diffusion.samplers import auto_sampler, get_sampler, sample_from_noise
 from ldm.diffusion.spacing import SIGMA_SPACINGS, SPACINGS, sampling_sigmas, strength_sigmas
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Backbone, Conditioning
@@ -96,10 +96,12 @@ class LatentDiffusionPipeline(nn.Module):
         """Normalized latents -> images in [-1, 1] (clamped)."""
         return self.autoencoder.decode(self.autoencoder.denormalize(latents)).clamp(-1, 1)
 
-    def sigmas(self, steps: int, spacing: str = "auto", latent_size: tuple[int, int] | None = None) -> Tensor:
-        """The sampling ladder of the process's schedule at `latent_size` (h, w): the shift training used there."""
+    def sigmas(self, steps: int, spacing: str = "auto", latent_size: tuple[int, int] | None = None,
+               sampler: str | None = None) -> Tensor:
+        """The sampling ladder of the process's schedule at `latent_size` (h, w): the shift training used there;
+        "auto" is the default ladder for `sampler` (spacing.auto_spacing)."""
         schedule = self.process.schedule(*latent_size) if latent_size else self.process.schedule()
-        return sampling_sigmas(schedule, steps, spacing, device=self.device)
+        return sampling_sigmas(schedule, steps, spacing, sampler=sampler, device=self.device)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -109,7 +111,7 @@ class LatentDiffusionPipeline(nn.Module):
         seeds: Sequence[int],
         *,
         negative_prompt: str | Sequence[str] = "",
-        sampler: str = "unipc",
+        sampler: str = "auto",
         steps: int = 30,
         spacing: str = "auto",
         guidance: float = 5.0,
@@ -142,6 +144,7 @@ class LatentDiffusionPipeline(nn.Module):
             raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        sampler = auto_sampler(steps) if sampler == "auto" else sampler  # per step count (samplers.auto_sampler)
         sample_fn = get_sampler(sampler)
         if mask is not None and image is None:
             raise ValueError("inpainting needs the image to keep: pass image= with mask=")
@@ -159,7 +162,7 @@ class LatentDiffusionPipeline(nn.Module):
 
         options = dict(sampler_options or {})
         self._check_sampler(sampler, spacing, steps, shape[-2:], options)
-        sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:]), strength)
+        sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:], sampler), strength)
         denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
         # sample_from_noise: x = x0 + sigma_0 noise, and a first step from pure noise when sigma_0 is inf (flow)
         run = partial(sample_from_noise, sample_fn, noise=noise, sigmas=sigmas, generator=generators,
@@ -197,8 +200,10 @@ class LatentDiffusionPipeline(nn.Module):
         self._checked.add(key)
         fallback = "dpmpp_2m_sde" if sampler in STOCHASTIC_SAMPLERS else "unipc"
         alternatives = [(s, p) for s in dict.fromkeys((sampler, fallback)) for p in SPACINGS + SIGMA_SPACINGS]
-        message = sampling_warning(sampler, spacing, steps, lambda p, n: self.sigmas(n, p, latent_size).cpu(),
-                                   alternatives=alternatives, **options)
+        def ladder(spacing: str, n: int) -> Tensor:
+            return self.sigmas(n, spacing, latent_size, sampler).cpu()
+
+        message = sampling_warning(sampler, spacing, steps, ladder, alternatives=alternatives, **options)
         if message is not None:
             warnings.warn(message, stacklevel=4)  # the caller of generate (past torch.no_grad's wrapper)
 
