@@ -28,7 +28,7 @@ from ldm.diffusion.parameterization import (
 from ldm.diffusion.samplers import PURE_NOISE_SIGMA, SAMPLERS, get_sampler, sample_from_noise
 from ldm.diffusion.schedules import RectifiedFlow, ScaledLinearSchedule, vp_from_logsnr, vp_from_sigma
 from ldm.diffusion.shift import ShiftedSchedule, TimestepShift
-from ldm.diffusion.spacing import auto_spacing, discrete_sigmas, sampling_sigmas
+from ldm.diffusion.spacing import OPEN_END_STEPS, auto_spacing, discrete_sigmas, sampling_sigmas
 from ldm.diffusion.weighting import FlowVelocity, MinSNR, Uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,8 +303,10 @@ def test_flow_ladder_ends() -> None:
 
 
 def test_flow_sigma_spacings_and_auto() -> None:
-    """Sigma spacings on the open range 0 .. inf: one exact step from pure noise to 1.5 n, then down to 1 / (1.5 n)
-    (OPEN_END_STEPS), then 0; "auto" (exponential_capped) caps the top at 0.5 n instead (bench/samplers.py --family)."""
+    """Sigma spacings on the open range 0 .. inf: one exact step from pure noise to k n, then down to 1 / (k n)
+    (k = OPEN_END_STEPS), then 0; "auto" (exponential_capped) caps the top at 0.5 n instead (bench/samplers.py
+    --family)."""
+    k = OPEN_END_STEPS
     for schedule in (RectifiedFlow(), TimestepShift(3.0).apply(RectifiedFlow()), ScaledLinearSchedule(),
                      RectifiedFlow(1e-3, 0.999)):  # one rule for every schedule
         assert auto_spacing(schedule) == auto_spacing(schedule, "unipc") == "exponential_capped"
@@ -312,13 +314,13 @@ def test_flow_sigma_spacings_and_auto() -> None:
     n = 10
     sigmas = sampling_sigmas(RectifiedFlow(), n, "auto").double()
     assert sigmas[0] == math.inf and sigmas[-1] == 0 and len(sigmas) == n + 1
-    close(sigmas[1:-1], torch.logspace(math.log10(0.5 * n), math.log10(1 / (1.5 * n)), n - 1, dtype=torch.float64),
+    close(sigmas[1:-1], torch.logspace(math.log10(0.5 * n), math.log10(1 / (k * n)), n - 1, dtype=torch.float64),
           rtol=1e-6)
     exponential = sampling_sigmas(RectifiedFlow(), n, "exponential").double()
-    close(exponential[1:-1], torch.logspace(math.log10(1.5 * n), math.log10(1 / (1.5 * n)), n - 1,
+    close(exponential[1:-1], torch.logspace(math.log10(k * n), math.log10(1 / (k * n)), n - 1,
                                             dtype=torch.float64), rtol=1e-6)
     karras = sampling_sigmas(RectifiedFlow(), n, "karras").double()
-    close(karras[[1, -2]], [1.5 * n, 1 / (1.5 * n)], rtol=1e-6)
+    close(karras[[1, -2]], [k * n, 1 / (k * n)], rtol=1e-6)
     for spacing in ("exponential", "karras", "linspace"):  # the shift moves every ladder by its factor
         torch.testing.assert_close(sampling_sigmas(TimestepShift(3.0).apply(RectifiedFlow()), n, spacing),
                                    3 * sampling_sigmas(RectifiedFlow(), n, spacing))
