@@ -417,14 +417,11 @@ def test_unipc_rejects_an_unknown_order() -> None:
 
 @pytest.mark.parametrize("n", [4, 10, 20])
 @pytest.mark.parametrize("spacing", ["trailing", "leading", "karras"])
-def test_deis_parity(spacing: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deis_parity(spacing: str, n: int) -> None:
     """DEIS-3 ("logrho") against DEISMultistepScheduler(solver_order=3) on diffusers' own ladder (which ends at
-    sigma_min, or repeats its last sigma: an empty step), with our step-growth bound off as diffusers has none."""
+    sigma_min, or repeats its last sigma: an empty step), its last step on leading included (a 3-5x step growth)."""
     from diffusers import DEISMultistepScheduler
 
-    from ldm.diffusion import samplers
-
-    monkeypatch.setattr(samplers, "MAX_STEP_GROWTH", math.inf)
     kwargs = {"use_karras_sigmas": True} if spacing == "karras" else \
         {"timestep_spacing": spacing, "steps_offset": int(spacing == "leading")}
     scheduler = DEISMultistepScheduler(**SD_BETAS, solver_order=3, prediction_type="epsilon", **kwargs)

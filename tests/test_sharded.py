@@ -92,7 +92,7 @@ def test_a_sharded_checkpoint_evaluates_on_one_process_as_during_training(runs: 
 
     args = [f"ckpt={runs['fsdp_cpu'] / 'checkpoints' / 'last.ckpt'}", f"shards={latent_parts['shapes']}/val",
             f"out={tmp_path / 'metrics.json'}", "features=random", "clip=tiny", "device=cpu", "wandb.enabled=false",
-            "metrics=[fid,kid,clip_score]", "guidance=5.0", "sampler=unipc", "spacing=auto", "seed=0",
+            "metrics=[fid,kid,clip_score]", "guidance=5.0", "sampler=auto", "spacing=auto", "seed=0",
             *(f"{k}={v}" for k, v in EVAL.items())]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("evaluate", overrides=args)

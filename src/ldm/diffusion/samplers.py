@@ -149,11 +149,13 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Gen
 
 # A multistep correction (D_0 - D_-1) / r extrapolates over a step up to 1 / r times longer than the one it was measured
 # on; variable-step multistep methods stay stable only for bounded step growth (BDF2 for ratios below 1 + sqrt 2,
-# Grigorieff 1983). Past a growth of 2 the SDE solver takes a first-order step: on ladders that end at t = 0
-# (`leading`, `linspace`) the last log-sigma step is 3-5x the one before, and the extrapolation amplified the previous
-# step's fresh noise (sample variance 1.13-1.85x the exact value at 50 steps on a unit Gaussian, 1.00-1.04x now;
-# tests/test_sampler_diagnostics.py). Ladders whose steps grow by less (trailing, karras, exponential: diffusers'
-# parity cases) are unchanged.
+# Grigorieff 1983). Past a growth of 2 the DPM-Solver++ and UniPC solvers take a first-order step: on ladders that end
+# at t = 0 (`leading`, `linspace`) the last log-sigma step is 3-5x the one before; there the SDE solver's extrapolation
+# amplified the previous step's fresh noise (sample variance 1.13-1.85x the exact value at 50 steps on a unit
+# Gaussian, 1.00-1.04x now; tests/test_sampler_diagnostics.py), and the deterministic ones become 1.1-3.7x more accurate
+# on generated mixtures at 10-50 steps on scaled_linear, linear and cosine (unipc unchanged at 50 steps on
+# scaled_linear; dpmpp_3m 1.3x worse there). Ladders whose steps grow by less (trailing, karras, exponential: the
+# diffusers parity cases) are unchanged.
 MAX_STEP_GROWTH = 2.0
 
 
@@ -261,7 +263,8 @@ def sample_deis(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Gen
     last p evaluations and integrated exactly in sigma (Zhang & Chen 2023, arXiv:2204.13902; in VE form dx/dsigma =
     eps); as diffusers' DEISMultistepScheduler(solver_order=p, solver_type="logrho", lower_order_final=True): order
     1, 2, 3 as the history fills, lowered on the last two steps below 15 steps. A last step to sigma = 0 returns D,
-    the limit of every order's update; so do the step-growth bound and the first step from pure noise."""
+    the limit of every order's update. Unlike the lambda-space solvers it keeps its order past a step growth of 2
+    (MAX_STEP_GROWTH): on leading/linspace ladders that made it 1.0-3.4x less accurate, the others 1.1-3.7x more."""
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
     steps = _steps(sigmas)
@@ -279,8 +282,6 @@ def sample_deis(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Gen
             continue
         few = len(steps) < 15
         step_order = min(len(history), 1 if few and i == len(steps) - 1 else 2 if few and i == len(steps) - 2 else 3)
-        if len(history) > 1 and math.log(history[-2][1] / sigma) / math.log(sigma / sigma_next) < 1 / MAX_STEP_GROWTH:
-            step_order = 1
         nodes = history[-step_order:][::-1]  # newest first
         for k, (e_k, s_k) in enumerate(nodes):
             others = [s for j, (_, s) in enumerate(nodes) if j != k]
