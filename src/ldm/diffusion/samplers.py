@@ -323,7 +323,8 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Ge
     rises 1, 2, .. as the history fills and falls to 1 on the last step (min(order, steps left)), with no corrector
     after the last step, as diffusers' UniPCMultistepScheduler(solver_order=order, solver_type="bh2",
     lower_order_final=True, final_sigmas_type="zero"). Order 3 is the default here (diffusers' is 2): on the
-    Gaussian-mixture family it is 1.4x (10 steps) to 12x (50) more accurate than order 2 (bench/RESULTS.md); order 2
+    Gaussian mixtures of bench/samplers.py it is 1.4x (10 steps) to 12x (50) more accurate than order 2 on
+    scaled_linear's exponential ladder (bench/RESULTS.md); order 2
     is UniP-2 = DPM-Solver++(2M) plus UniC-2. The callback sees x before its correction, where D was taken."""
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")

@@ -80,7 +80,8 @@ def sigmas_capped(spacing: str, n: int, sigma_min: float, sigma_max: float, rho:
     sigma_max is above it; the plain spacing otherwise. Above sigma_cap the data is ~1/sigma_cap^2 of x's variance and
     D barely moves, yet an even log-sigma ladder up to cosine's 2e4 or zero-SNR's 4096 spent a third of its steps
     there; one exponential-integrator step covers that range with an error of O(Var(data) / sigma_cap^2) relative,
-    shrinking with n as the solver's own error does. bench/samplers.py --family compares caps from 0.25 n to 2 n."""
+    shrinking with n as the solver's own error does. Caps from 0.25 n to 5 n were compared on bench/samplers.py's
+    mixture family."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     kind = spacing.removesuffix("_capped")
@@ -144,10 +145,9 @@ def auto_spacing(schedule: NoiseSchedule, sampler: str | None = None) -> Spacing
     """The default ladder, for every schedule: "karras_capped" for DEIS (its few-step regime) and Heun (whose trapezoid
     diverges over a huge first step: on a unit Gaussian it keeps 2.1x the variance at 15 steps on cosine, against
     7000x on exponential_capped), "exponential_capped" (even in log-SNR below 0.5 n, one first step from sigma_max)
-    for every other sampler. With UniPC-3 that is at
-    least as accurate as diffusers' best configuration on every shipped schedule at 15-50 evaluations, and DEIS-3 on
-    karras_capped at 10 (bench/samplers.py --family: 6 generated Gaussian mixtures per schedule, table in
-    bench/RESULTS.md). `samplers.auto_sampler` picks between the two by the number of steps."""
+    for every other sampler. With `samplers.auto_sampler`'s choice (DEIS-3 below 20 steps, UniPC-3 from 20) that is
+    at least as accurate as diffusers' best configuration on every shipped schedule at 10, 15, 20, 30 and 50
+    evaluations (bench/samplers.py --family: 8 generated Gaussian mixtures per schedule; table in bench/RESULTS.md)."""
     del schedule  # one rule for all: the cap adapts the ladder to sigma_max, the open ends to flows
     return "karras_capped" if sampler in ("deis", "heun") else "exponential_capped"
 
