@@ -78,5 +78,5 @@ def sampling_warning(sampler: str, spacing: str, steps: int, ladder: Callable[[s
     while more < 1000:
         more *= 2
         if abs(gaussian_variance_ratio(sampler, ladder(spacing, more), **options) - 1) <= VARIANCE_TOLERANCE:
-            return message + f"no ladder keeps it within 5% at {steps} steps; {more} steps do."
+            return message + f"no ladder keeps it within {VARIANCE_TOLERANCE:.0%} at {steps} steps; {more} steps do."
     return message + "no ladder or step count up to 1000 fixes it; use another sampler."

@@ -161,7 +161,8 @@ class LatentDiffusionPipeline(nn.Module):
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(self.device)
 
         options = dict(sampler_options or {})
-        self._check_sampler(sampler, spacing, steps, shape[-2:], options)
+        if mask is None or repaint == 0:  # RePaint runs its own DDPM steps, not `sampler`
+            self._check_sampler(sampler, spacing, steps, shape[-2:], options)
         sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:], sampler), strength)
         denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
         # sample_from_noise: x = x0 + sigma_0 noise, and a first step from pure noise when sigma_0 is inf (flow)
