@@ -40,6 +40,7 @@ use_flow_sigmas get the exact velocity; --sweep averages (geometrically) over fi
     python bench/samplers.py --schedule cosine --nfe 10 20
     python bench/samplers.py --schedule rectified_flow --sweep --nfe 10 20 30 50 --open-end-steps 1 2 3
     python bench/samplers.py --quick                          # smoke test, a few seconds
+    python bench/samplers.py --family --mixtures 8            # the default vs diffusers' best, every schedule (~20 min)
 """
 
 from __future__ import annotations

@@ -112,3 +112,13 @@ def test_quick_run_prints_tables(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "| dpmpp_2m | karras |" in out and "best at NFE <= 10: ours" in out and "E[z^2]" in out
     assert not math.isnan(float(out.split("differ by ")[1].split(";")[0]))
+
+
+def test_family_quick_run_compares_the_default_with_diffusers_best(capsys: pytest.CaptureFixture[str]) -> None:
+    bench.main(["--family", "--quick", "--family-schedules", "scaled_linear", "rectified_flow"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| scaled_linear |")
+            or line.startswith("| rectified_flow |")]
+    assert len(rows) == 2  # one NFE in --quick
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "(" in cells[-2] and float(cells[-1]) > 0  # diffusers' best names its configuration; a ratio
