@@ -284,13 +284,15 @@ def test_prompt_cache_is_exact_bounded_and_recency_ordered() -> None:
     first = cached.encode(batch)
     for got, want in zip(first, plain.encode(batch)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # another batch size: rounding (1.5e-6)
+    for i, prompt in enumerate(batch):  # bit for bit the prompt encoded alone, whatever batch it came in
+        assert all(torch.equal(got[i], want[0]) for got, want in zip(first, plain.encode([prompt])))
     assert list(cached._cache) == ["a blue star", "a red circle", ""]  # 3 distinct, last used last
     calls = []
     cached.text.token_embedding.register_forward_hook(lambda *args: calls.append(args[1][0].shape[0]))
     again = cached.encode(["", "a red circle"])  # all cached: the tower does not run
     assert calls == [] and torch.equal(again.tokens[1], first.tokens[0]) and torch.equal(again.pooled[0], first.pooled[3])
-    cached.encode(["a green cross"])  # one new prompt is encoded alone; the least recently used is dropped
-    assert calls == [1] and list(cached._cache) == ["", "a red circle", "a green cross"]
+    cached.encode(["a green cross", "a red circle", "a blue square"])  # unseen prompts are encoded one at a time
+    assert calls == [1, 1] and list(cached._cache) == ["a green cross", "a red circle", "a blue square"]  # LRU out
 
 
 def test_prompt_cache_follows_new_weights_and_autocast() -> None:

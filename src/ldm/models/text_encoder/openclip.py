@@ -48,7 +48,8 @@ class OpenCLIPTextEncoder(nn.Module):
             positional embeddings of a checkpoint.
         model_config_dir: a folder of extra open_clip json configs, registered with `add_model_config`.
         cache_size: a frozen encoder keeps the encodings of up to this many distinct prompts (least recently used
-            dropped first), exact since its weights never change: for data whose captions repeat (the built-in
+            dropped first), exact since its weights never change, each encoded alone so that it does not depend
+            on the batch it was first seen in (resume stays bit-exact): for data whose captions repeat (the built-in
             shapes have a few hundred), where the text tower is ~12% of a tiny stage-2 step. 0 (the default, right
             for web captions that rarely repeat) caches nothing.
     """
@@ -154,11 +155,11 @@ class OpenCLIPTextEncoder(nn.Module):
         if self._cache_key != key:  # stale after .to(), or encoded under another autocast dtype
             self._cache.clear()
             self._cache_key = key
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            cond = self(self.tokenize(missing).to(device))
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = Conditioning(*(None if t is None else t[i:i + 1] for t in cond))
+        # Each unseen prompt is encoded alone: a batched forward rounds differently at another batch size (~1e-6),
+        # so batching the misses would make a prompt's encoding depend on the batch it was first seen in, and a
+        # resumed run (cold cache, other batches) would drift from an uninterrupted one.
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._cache):
+            self._cache[prompt] = self(self.tokenize([prompt]).to(device))
         rows = []
         for prompt in prompts:
             self._cache.move_to_end(prompt)
