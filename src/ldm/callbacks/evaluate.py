@@ -4,8 +4,9 @@ validation captions with fixed seeds, on all ranks, and `eval/*` goes to the run
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -24,6 +25,7 @@ from ldm.evaluation.runner import (
     read_validation,
     reference_statistics,
 )
+from ldm.inference.sampling_options import SamplingOptions
 from ldm.utils.logging import get_logger, logger_step
 
 log = get_logger(__name__)
@@ -39,13 +41,14 @@ class EvaluateCallback(SamplingCallback):
         clip_score: the CLIP-score model; needed when `metrics` has clip_score.
         reference: an `.npz` of reference statistics to reuse, or to write at the first evaluation.
         every_n_steps: evaluate when the global step is a multiple of this; 0: only at the end of training.
+        sampling: the conf/sampling/ keys (a SamplingOptions or a mapping of some of them); default 25 steps.
     """
 
     def __init__(self, shards: str | Sequence[str], num_samples: int = 1000, *,
                  features: FeatureExtractor | None = None, clip_score: CLIPScore | None = None,
                  metrics: Sequence[str] = ("fid", "clip_score"), every_n_steps: int = 5000, seed: int = 0,
-                 sampler: str = "auto", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
-                 guidance_rescale: float = 0.0, batch_size: int = 16, reference: str | None = None,
+                 sampling: SamplingOptions | Mapping[str, Any] | None = None, batch_size: int = 16,
+                 reference: str | None = None,
                  kid_subset_size: int | None = None, kid_subsets: int = 100, use_ema: bool = True,
                  resolution: int | None = None) -> None:
         self.metrics = check_metrics(list(metrics), GENERATION_METRICS, "stage-2")
@@ -53,8 +56,8 @@ class EvaluateCallback(SamplingCallback):
             raise ValueError("EvaluateCallback: fid/kid need `features` (conf/callbacks/evaluate.yaml builds one)")
         if "clip_score" in self.metrics and clip_score is None:
             raise ValueError("EvaluateCallback: clip_score needs `clip_score` (an ldm.evaluation.clip_score.CLIPScore)")
-        super().__init__(every_n_steps, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                         guidance_rescale=guidance_rescale, use_ema=use_ema, resolution=resolution)
+        super().__init__(every_n_steps, sampling=sampling if sampling is not None else {"steps": 25},
+                         use_ema=use_ema, resolution=resolution)
         self.shards, self.num_samples, self.seed, self.batch_size = shards, num_samples, seed, batch_size
         self.features, self.clip_score, self.reference_path = features, clip_score, reference
         self.kid = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets}

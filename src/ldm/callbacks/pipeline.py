@@ -3,7 +3,7 @@ during training."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -11,6 +11,7 @@ import lightning.pytorch as L
 
 from ldm.callbacks.ema import EMA
 from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.inference.sampling_options import SamplingOptions
 
 
 @contextmanager
@@ -33,13 +34,14 @@ def training_pipeline(trainer: L.Trainer, pl_module: L.LightningModule, use_ema:
 class SamplingCallback(L.Callback):
     """Base of the callbacks that sample during training (`SampleImages`, `EvaluateCallback`): `run` is called when
     the global step is a multiple of `every_n_steps` (0: never during training) and once at the end of training
-    unless that step was just done. `options` are the sampler settings passed to `pipeline.generate`."""
+    unless that step was just done. `sampling` holds the conf/sampling/ keys (checked at start-up);
+    `options` are the keyword arguments they give `pipeline.generate`."""
 
-    def __init__(self, every_n_steps: int, *, sampler: str, steps: int, spacing: str, guidance: float,
-                 guidance_rescale: float, use_ema: bool, resolution: int | None) -> None:
+    def __init__(self, every_n_steps: int, *, sampling: SamplingOptions | Mapping[str, Any] | None, use_ema: bool,
+                 resolution: int | None) -> None:
         self.every_n_steps, self.use_ema, self.resolution = every_n_steps, use_ema, resolution
-        self.options = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance,
-                        "guidance_rescale": guidance_rescale}
+        self.sampling = sampling if isinstance(sampling, SamplingOptions) else SamplingOptions.from_config(sampling)
+        self.options = self.sampling.generate_kwargs()
         self._last_step = -1
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:

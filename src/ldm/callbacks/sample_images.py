@@ -3,14 +3,16 @@ grid, so runs of a sweep show the same images at the same steps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.callbacks.pipeline import SamplingCallback
+from ldm.inference.sampling_options import SamplingOptions
 from ldm.utils.images import image_grid, log_image_grid
 from ldm.utils.logging import get_logger, logger_step
 
@@ -26,17 +28,17 @@ class SampleImages(SamplingCallback):
 
     Args:
         every_n_steps: sample when the global step is a multiple of this; 0 only at the end of training.
+        sampling: the conf/sampling/ keys (a SamplingOptions or a mapping of some of them); default 25 steps.
         use_ema: sample with the EMA callback's weights when the run has one.
     """
 
     def __init__(self, prompts: Sequence[str], images_per_prompt: int = 4, seed: int = 0, every_n_steps: int = 1000,
-                 sampler: str = "auto", steps: int = 25, spacing: str = "auto", guidance: float = 5.0,
-                 guidance_rescale: float = 0.0, batch_size: int = 8, use_ema: bool = True,
-                 resolution: int | None = None) -> None:
+                 sampling: SamplingOptions | Mapping[str, Any] | None = None, batch_size: int = 8,
+                 use_ema: bool = True, resolution: int | None = None) -> None:
         if not prompts:
             raise ValueError("SampleImages needs at least one prompt")
-        super().__init__(every_n_steps, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                         guidance_rescale=guidance_rescale, use_ema=use_ema, resolution=resolution)
+        super().__init__(every_n_steps, sampling=sampling if sampling is not None else {"steps": 25},
+                         use_ema=use_ema, resolution=resolution)
         self.prompts, self.images_per_prompt, self.seed = list(prompts), images_per_prompt, seed
         self.batch_size = batch_size
 

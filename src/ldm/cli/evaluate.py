@@ -30,6 +30,7 @@ from ldm.evaluation.runner import (
     validation_batches,
 )
 from ldm.inference.loading import EXPORT_CARD, load_pipeline
+from ldm.inference.sampling_options import SamplingOptions
 from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder, trained_resolution
 from ldm.utils.hub_weights import WeightsUnavailable
 from ldm.utils.logging import get_logger
@@ -37,7 +38,6 @@ from ldm.utils.wandb_mode import ensure_wandb_mode
 
 log = get_logger(__name__)
 Stage = Literal["autoencoder", "diffusion"]
-SAMPLING = ("sampler", "steps", "spacing", "guidance_rescale", "precision")
 SCORERS = {"features": ("fid", "kid", "rfid"), "clip": ("clip_score",), "lpips": ("lpips",)}  # model -> metrics
 
 
@@ -98,7 +98,9 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                          f"resolution (an export whose {CARD} predates the field, or a .ckpt without the data "
                          "module's hyperparameters): the size validation images are centre-cropped to (the "
                          "autoencoder's training resolution).")
-    # Start-up: every weight file the metrics need, before a checkpoint is loaded or an image generated.
+    # Start-up: the sampling settings and every weight file the metrics need, before a checkpoint is loaded.
+    sampling = ([SamplingOptions.from_config(cfg, guidance=float(g)) for g in _list(cfg.guidance)]
+                if stage == "diffusion" else [])
     scorers = build_scorers(cfg, metrics, device)
     features, clip_score, lpips = scorers["features"], scorers["clip"], scorers["lpips"]
 
@@ -107,7 +109,7 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                               "num_samples": cfg.num_samples, "shards": _list(cfg.shards), "world_size": world,
                               "features": features.name if features is not None else None}
     if stage == "diffusion":
-        record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score)
+        record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score, sampling)
     else:
         autoencoder = load_autoencoder(cfg.ckpt).eval().requires_grad_(False).to(device)
         batches = validation_batches(cfg.shards, num_samples=cfg.num_samples, resolution=resolution,
@@ -187,27 +189,27 @@ def _nan_to_null(value: Any) -> Any:
 
 
 def _evaluate_pipeline(cfg: DictConfig, device: torch.device, metrics: list[str], features: Any,
-                       clip_score: Any) -> dict[str, Any]:
+                       clip_score: Any, sampling: list[SamplingOptions]) -> dict[str, Any]:
+    """One result per guidance scale (`sampling`: the settings of each, equal but for the scale)."""
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
     resolution = int(cfg.resolution or pipeline.default_size)
     pipeline.check_size(resolution, resolution)
-    guidances = [float(g) for g in _list(cfg.guidance)]
     reuse = cfg.reference is not None and Path(cfg.reference).is_file()
     needs_real = features is not None and not reuse
     real = read_validation(cfg.shards, num_samples=cfg.num_samples, resolution=resolution,
                            batch_size=cfg.batch_size, features=features if needs_real else None)
     reference = (reference_statistics(real, features, resolution, cfg.reference, cfg.keep_features)
                  if features is not None else None)
-    options = {k: cfg[k] for k in SAMPLING}
     results = []
-    for guidance in guidances:
+    for options in sampling:
         scores = generation_metrics(pipeline, real, reference, metrics=metrics, features=features,
                                     clip_score=clip_score, seed=cfg.seed, batch_size=cfg.batch_size,
                                     kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
-                                    guidance=guidance, height=resolution, width=resolution, **options)
-        results.append({"guidance": guidance, **scores})
-        log.info(f"guidance {guidance}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-    return {"weights": pipeline.weights, "resolution": resolution, "seed": cfg.seed, **options,
+                                    height=resolution, width=resolution, **options.generate_kwargs())
+        results.append({"guidance": options.guidance, **scores})
+        log.info(f"guidance {options.guidance}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    settings = {k: v for k, v in sampling[0].record().items() if k != "guidance"}
+    return {"weights": pipeline.weights, "resolution": resolution, "seed": cfg.seed, **settings,
             "clip_model": clip_score.name if clip_score is not None else None,
             "reference": str(Path(cfg.reference).resolve()) if cfg.reference else None,
             "reference_reused": reuse, "reference_samples": reference.num_samples if reference else None,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ldm.conf import CONF_DIR
 from ldm.inference.loading import load_pipeline
 from ldm.inference.pipeline import LatentDiffusionPipeline
+from ldm.inference.sampling_options import SamplingOptions
 from ldm.utils.argv import quote_text_overrides
 from ldm.utils.device import resolve_device
 from ldm.utils.images import image_grid, to_uint8
@@ -28,7 +29,6 @@ from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
 TEXT_KEYS = ("prompt", "negative_prompt")  # free text: quoted for Hydra before it parses the command line
-SETTINGS = ("negative_prompt", "sampler", "steps", "spacing", "guidance", "guidance_rescale", "precision")
 
 
 def read_prompts(prompt: str | Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> list[Path]:
                            cfg.prompts_file)
     if cfg.num_images < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {cfg.num_images} and {cfg.batch_size}")
+    options = SamplingOptions.from_config(cfg)  # a wrong sampler, option or interval fails before the model loads
     device = resolve_device(cfg.device)
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
     image = load_image(cfg.image) if cfg.image else None
@@ -85,14 +86,14 @@ def run(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, images, failed = [], [], []
-    steps = max(1, int(cfg.steps * strength)) if image is not None else cfg.steps  # per batch
+    steps = max(1, int(options.steps * strength)) if image is not None else options.steps  # per batch
     # One bar for the whole run, left on screen when done, so that later log lines start on a line of their own.
     bar = tqdm(total=steps * math.ceil(len(jobs) / cfg.batch_size), desc=f"sampling {len(jobs)} images",
                unit="step")
     for start in range(0, len(jobs), cfg.batch_size):
         batch = jobs[start:start + cfg.batch_size]
-        result = _generate(pipeline, cfg, [p for p, _ in batch], [s for _, s in batch], image, mask, strength,
-                           int(height), int(width), bar)
+        result = _generate(pipeline, cfg, options, [p for p, _ in batch], [s for _, s in batch], image, mask,
+                           strength, int(height), int(width), bar)
         for k, (prompt, seed) in enumerate(batch):
             index = start + k
             if not result.finite[k]:
@@ -102,8 +103,8 @@ def run(cfg: DictConfig) -> list[Path]:
             images.append(result.images[k].cpu())
             path = out / f"{index:05d}_{_slug(prompt)}_s{seed}.png"
             Image.fromarray(to_uint8(result.images[k]).permute(1, 2, 0).numpy()).save(path)
-            path.with_suffix(".json").write_text(json.dumps(_record(cfg, pipeline, prompt, seed, height, width,
-                                                                    strength), indent=2))
+            path.with_suffix(".json").write_text(json.dumps(_record(cfg, options, pipeline, prompt, seed, height,
+                                                                    width, strength), indent=2))
             written.append(path)
     bar.close()
     image_grid(torch.stack(images), nrow=cfg.grid_rows or cfg.num_images).save(out / "grid.png")
@@ -115,21 +116,21 @@ def run(cfg: DictConfig) -> list[Path]:
     return written
 
 
-def _generate(pipeline: LatentDiffusionPipeline, cfg: DictConfig, prompts: list[str], seeds: list[int],
-              image: Tensor | None, mask: Tensor | None, strength: float, height: int, width: int, bar: tqdm) -> Any:
+def _generate(pipeline: LatentDiffusionPipeline, cfg: DictConfig, options: SamplingOptions, prompts: list[str],
+              seeds: list[int], image: Tensor | None, mask: Tensor | None, strength: float, height: int, width: int,
+              bar: tqdm) -> Any:
     return pipeline.generate(
-        prompts, seeds, negative_prompt=cfg.negative_prompt, sampler=cfg.sampler, steps=cfg.steps,
-        spacing=cfg.spacing, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale, height=height,
-        width=width, image=image, strength=strength, mask=mask, repaint=cfg.repaint, precision=cfg.precision,
-        callback=lambda *_: bar.update(1))
+        prompts, seeds, negative_prompt=cfg.negative_prompt, height=height, width=width, image=image,
+        strength=strength, mask=mask, repaint=cfg.repaint, callback=lambda *_: bar.update(1),
+        **options.generate_kwargs())
 
 
-def _record(cfg: DictConfig, pipeline: LatentDiffusionPipeline, prompt: str, seed: int, height: int, width: int,
-            strength: float) -> dict[str, Any]:
+def _record(cfg: DictConfig, options: SamplingOptions, pipeline: LatentDiffusionPipeline, prompt: str, seed: int,
+            height: int, width: int, strength: float) -> dict[str, Any]:
     """Every setting that reproduces one image: `python scripts/sample.py` with these keys and num_images=1."""
-    record = {"prompt": prompt, "seed": seed, **{k: cfg[k] for k in SETTINGS}, "height": int(height),
-              "width": int(width), "ckpt": str(Path(cfg.ckpt).resolve()), "weights": pipeline.weights,
-              "ema": cfg.ema, "config": cfg.config, "autoencoder": cfg.autoencoder}
+    record = {"prompt": prompt, "seed": seed, "negative_prompt": cfg.negative_prompt, **options.record(),
+              "height": int(height), "width": int(width), "ckpt": str(Path(cfg.ckpt).resolve()),
+              "weights": pipeline.weights, "ema": cfg.ema, "config": cfg.config, "autoencoder": cfg.autoencoder}
     if cfg.image:
         record.update(image=str(Path(cfg.image).resolve()), strength=strength)
     if cfg.mask:

@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from ldm.diffusion.options import check_options
 
 # (x, sigma[B], cond) -> denoised; `cond` is a tensor or a NamedTuple of tensors / None (a backbone's Conditioning)
 ConditionalDenoiser = Callable[[Tensor, Tensor, Any], Tensor]
@@ -93,23 +94,13 @@ def guidance_rule(method: str, scale: float, **options: Any) -> GuidanceRule:
     return GUIDANCE_METHODS[method](scale, **options)
 
 
-def check_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str, skip: Sequence[str] = ()) -> None:
-    """Keyword options that `fn` does not take are a ValueError naming the ones it does (not a TypeError mid-run)."""
-    params = inspect.signature(fn).parameters
-    accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in skip
-                and p.default is not inspect.Parameter.empty]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{what} takes no option {', '.join(unknown)}; its options are {accepted or 'none'}")
-
-
 def check_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
     """A guidance interval [sigma_lo, sigma_hi] with 0 <= lo < hi (hi may be inf), as a tuple."""
     if interval is None:
         return None
     if len(interval) != 2 or not 0 <= float(interval[0]) < float(interval[1]):
         raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (sigma_hi may "
-                         f"be .inf), got {list(interval)}")
+                         f"be inf), got {list(interval)}")
     return float(interval[0]), float(interval[1])
 
 

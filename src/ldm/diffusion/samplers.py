@@ -11,6 +11,7 @@ from torch import Tensor
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma[B]) -> denoised
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x, denoised)
 Sampler = Callable[..., Tensor]
+SAMPLER_ARGS = ("denoiser", "x", "sigmas", "generator", "callback")  # every sampler's arguments; the rest are options
 
 
 def _steps(sigmas: Tensor) -> list[tuple[float, float]]:

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from ldm.diffusion.diagnostics import STOCHASTIC_SAMPLERS, sampling_warning
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
+from ldm.diffusion.options import check_options
 from ldm.diffusion.parameterization import Denoiser
 from ldm.diffusion.process import DiffusionProcess
-from ldm.diffusion.samplers import auto_sampler, get_sampler, sample_from_noise
+from ldm.diffusion.samplers import SAMPLER_ARGS, auto_sampler, get_sampler, sample_from_noise
 from ldm.diffusion.spacing import SIGMA_SPACINGS, SPACINGS, sampling_sigmas, strength_sigmas
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Backbone, Conditioning
@@ -116,6 +117,9 @@ class LatentDiffusionPipeline(nn.Module):
         spacing: str = "auto",
         guidance: float = 5.0,
         guidance_rescale: float = 0.0,
+        guidance_method: str = "cfg",
+        guidance_options: Mapping[str, Any] | None = None,
+        guidance_interval: Sequence[float] | None = None,
         height: int | None = None,
         width: int | None = None,
         image: Tensor | None = None,
@@ -136,6 +140,9 @@ class LatentDiffusionPipeline(nn.Module):
             repaint: 0 blends the known latents into any sampler's steps; R >= 1 runs RePaint with R resamplings
                 per step (DDPM steps; `sampler` is then ignored).
             sampler_options: keyword options of the sampler function (eta, s_noise, order).
+            guidance_method, guidance_options: a rule of ldm.diffusion.guidance.GUIDANCE_METHODS ("cfg", "apg",
+                "cfg_zero_star") and its options; guidance_interval: [sigma_lo, sigma_hi] where guidance applies.
+            (ldm.inference.sampling_options.SamplingOptions checks and holds all of these for the CLIs.)
 
         A sampler x ladder x steps combination that keeps the variance of unit Gaussian data off by more than 5%
         (ldm.diffusion.diagnostics, in closed form) warns once, naming a better combination.
@@ -161,10 +168,12 @@ class LatentDiffusionPipeline(nn.Module):
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(self.device)
 
         options = dict(sampler_options or {})
+        check_options(sample_fn, options, f"sampler {sampler!r}", skip=SAMPLER_ARGS)
         if mask is None or repaint == 0:  # RePaint runs its own DDPM steps, not `sampler`
             self._check_sampler(sampler, spacing, steps, shape[-2:], options)
         sigmas = strength_sigmas(self.sigmas(steps, spacing, shape[-2:], sampler), strength)
-        denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale)
+        denoiser = cfg_denoiser(self._autocast(self.denoiser, precision), cond, uncond, guidance, guidance_rescale,
+                                method=guidance_method, interval=guidance_interval, **(guidance_options or {}))
         # sample_from_noise: x = x0 + sigma_0 noise, and a first step from pure noise when sigma_0 is inf (flow)
         run = partial(sample_from_noise, sample_fn, noise=noise, sigmas=sigmas, generator=generators,
                       callback=callback, **options)
