@@ -1,6 +1,7 @@
 """Exact resume and preemption, through train.py in subprocesses: SIGKILL at a random step then `ckpt_path=last`
 equals an uninterrupted run (same sample keys after the restart, equal final weights); SIGTERM and SIGUSR1 save
-`last.ckpt` at the step they arrive; a kill during a checkpoint write leaves the previous file loadable."""
+`last.ckpt` at the step they arrive; a kill during a checkpoint write leaves the previous file loadable. The runs
+track a post-hoc EMA, whose snapshots must come out bit-identical too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_train
+from safetensors.torch import load_file
 
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 
@@ -33,7 +35,7 @@ def stage2(run_dir: Path, parts: dict[str, Path], steps: int) -> list[str]:
             "data.batch_size=16", f"trainer.max_steps={steps}", "trainer.val_check_interval=6",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=3",
             "callbacks.model_checkpoint.every_n_train_steps=5", "~callbacks.sample_images", "logger=csv",
-            "num_threads=1", KEY_LOG]
+            "num_threads=1", KEY_LOG, "+callbacks=posthoc_ema", "callbacks.posthoc_ema.snapshot_every=4"]
 
 
 def keys_by_step(run_dir: Path) -> dict[int, str]:
@@ -86,6 +88,12 @@ def assert_same_end(a_dir: Path, b_dir: Path, note: str) -> None:
     ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (a, b))
     assert ema_a["num_updates"] == ema_b["num_updates"] == STEPS
     assert all(torch.equal(v, ema_b["state_dict"][k]) for k, v in ema_a["state_dict"].items())
+    # the post-hoc EMA's snapshots (every 4 steps; those a killed run wrote past its checkpoint are rewritten)
+    snaps_a, snaps_b = (sorted((d / "posthoc_ema").glob("*.safetensors")) for d in (a_dir, b_dir))
+    assert [p.name for p in snaps_a] == [p.name for p in snaps_b] == [f"{s:09d}.safetensors" for s in range(4, 25, 4)]
+    for pa, pb in zip(snaps_a, snaps_b):
+        sa, sb = load_file(str(pa)), load_file(str(pb))
+        assert sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items()), f"{pa.name} ({note})"
 
 
 @pytest.mark.slow
@@ -164,6 +172,8 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_pat
 
 WRITER = """
 import sys, torch
+from safetensors.torch import load_file
+
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 io, big = AtomicCheckpointIO(), torch.randn(40_000_000)  # 160 MB: each save takes a while
 for step in range(1000):

@@ -4,7 +4,8 @@
   reduce-scatter sums in another order than the all-reduce);
 - the sharded run writes one plain checkpoint that `scripts/evaluate.py` loads on one process and scores exactly as
   the distributed evaluation callback did;
-- a sharded run stopped at max_steps and continued with `ckpt_path=last` ends bit-identical to one run.
+- a sharded run stopped at max_steps and continued with `ckpt_path=last` ends bit-identical to one run;
+- the post-hoc EMA's snapshots are whole (unsharded) state dicts that agree across the two strategies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import pytest
 import torch
 from conftest import CONF_DIR, run_train, tiny_overrides
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from ldm.posthoc_ema import list_snapshots, reconstruct
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:FID from .* rank-deficient")]
 STEPS = 8  # 256 samples / (2 ranks x 16) = 8 batches: one epoch
@@ -28,7 +32,8 @@ def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *e
         f"model.autoencoder.path={parts['export']}", f"hydra.run.dir={run_dir}", f"paths.log_dir={run_dir.parent}",
         f"trainer={trainer}", "data.batch_size=16", f"trainer.max_steps={steps}", "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "model.lr_scheduler.warmup_steps=2",
-        "num_threads=1", "logger=csv", "callbacks=[default,ema,sample_images,evaluate]",
+        "num_threads=1", "logger=csv", "callbacks=[default,ema,sample_images,evaluate,posthoc_ema]",
+        "callbacks.posthoc_ema.snapshot_every=2",
         "+callbacks.sample_log._target_=ldm.callbacks.sample_log.SampleKeyLog",
         "callbacks.sample_images.every_n_steps=4", "callbacks.sample_images.images_per_prompt=1",
         "callbacks.sample_images.sampling.steps=2", f"callbacks.evaluate.shards={parts['shapes']}/val",
@@ -119,6 +124,10 @@ def test_a_sharded_run_continued_from_last_equals_one_run(runs: dict[str, Path],
     assert ema_of(continued)["num_updates"] == STEPS
     for name, tensor in ema_of(one)["state_dict"].items():
         assert torch.equal(ema_of(continued)["state_dict"][name], tensor), name
+    snaps = [list_snapshots(run / "posthoc_ema") for run in (runs["fsdp_cpu"], run_dir)]
+    assert [s.step for s in snaps[1]] == [s.step for s in snaps[0]]
+    for a, b in zip(*snaps):
+        assert all(torch.equal(v, load_file(str(b.path))[k]) for k, v in load_file(str(a.path)).items()), a.path.name
 
 
 def test_fsdp_for_the_autoencoder_is_refused_with_a_clear_message(shapes_root: Path, tmp_path: Path) -> None:
@@ -145,3 +154,19 @@ def test_fsdp_trains_a_dit_like_ddp(latent_parts: dict[str, Path], tmp_path: Pat
         torch.testing.assert_close(fsdp["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     for name, tensor in ema_of(ddp)["state_dict"].items():
         torch.testing.assert_close(ema_of(fsdp)["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_posthoc_ema_snapshots_are_whole_and_agree(runs: dict[str, Path]) -> None:
+    """FSDP2 gathers each average's shards into the snapshot (rank 0 writes it): same names, full shapes and values
+    as DDP's to float rounding, and the rebuild runs on either."""
+    snaps = {t: list_snapshots(runs[t] / "posthoc_ema") for t in ("ddp_cpu", "fsdp_cpu")}
+    assert [s.step for s in snaps["fsdp_cpu"]] == [s.step for s in snaps["ddp_cpu"]] == [2, 4, 6, 8]
+    for a, b in zip(snaps["ddp_cpu"], snaps["fsdp_cpu"]):
+        ddp, fsdp = load_file(str(a.path)), load_file(str(b.path))
+        assert ddp.keys() == fsdp.keys()
+        for name, tensor in ddp.items():
+            torch.testing.assert_close(fsdp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    rebuilt = {t: reconstruct(runs[t] / "posthoc_ema", 0.07).state_dict for t in snaps}
+    assert rebuilt["ddp_cpu"].keys() == ema_of(last(runs["ddp_cpu"]))["state_dict"].keys()  # the backbone's names
+    for name, tensor in rebuilt["ddp_cpu"].items():
+        torch.testing.assert_close(rebuilt["fsdp_cpu"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.cli.posthoc_ema import snapshot_folder
 from ldm.conf import CONF_DIR
 from ldm.evaluation.distributed import init_from_env, rank_and_world
 from ldm.evaluation.runner import (
@@ -32,6 +33,7 @@ from ldm.evaluation.runner import (
 from ldm.inference.loading import EXPORT_CARD, load_pipeline
 from ldm.inference.sampling_options import SamplingOptions
 from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder, trained_resolution
+from ldm.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
 from ldm.utils.hub_weights import WeightsUnavailable
 from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
@@ -101,6 +103,7 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     # Start-up: the sampling settings and every weight file the metrics need, before a checkpoint is loaded.
     sampling = ([SamplingOptions.from_config(cfg, guidance=float(g)) for g in _list(cfg.guidance)]
                 if stage == "diffusion" else [])
+    posthoc = posthoc_lengths(cfg, stage)
     scorers = build_scorers(cfg, metrics, device)
     features, clip_score, lpips = scorers["features"], scorers["clip"], scorers["lpips"]
 
@@ -109,7 +112,7 @@ def _evaluate(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                               "num_samples": cfg.num_samples, "shards": _list(cfg.shards), "world_size": world,
                               "features": features.name if features is not None else None}
     if stage == "diffusion":
-        record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score, sampling)
+        record |= _evaluate_pipeline(cfg, device, metrics, features, clip_score, sampling, posthoc)
     else:
         autoencoder = load_autoencoder(cfg.ckpt).eval().requires_grad_(False).to(device)
         batches = validation_batches(cfg.shards, num_samples=cfg.num_samples, resolution=resolution,
@@ -188,9 +191,25 @@ def _nan_to_null(value: Any) -> Any:
     return value
 
 
+def posthoc_lengths(cfg: DictConfig, stage: Stage) -> list[float | None]:
+    """`posthoc_sigma_rel` as a list ([None]: the checkpoint's own weights), checked with its snapshots at start-up."""
+    if cfg.posthoc_sigma_rel is None:
+        return [None]
+    if stage != "diffusion" or Path(cfg.ckpt).is_dir():
+        raise ValueError("posthoc_sigma_rel= needs a stage-2 training checkpoint (<run>/checkpoints/last.ckpt) whose "
+                         "run tracked a post-hoc EMA (+callbacks=posthoc_ema), not an export folder")
+    lengths = [float(s) for s in _list(cfg.posthoc_sigma_rel)]
+    for length in lengths:
+        sigma_rel_to_gamma(length)  # range check
+    list_snapshots(snapshot_folder(cfg.ckpt, cfg.posthoc_snapshots))  # the folder exists and holds snapshots
+    return lengths
+
+
 def _evaluate_pipeline(cfg: DictConfig, device: torch.device, metrics: list[str], features: Any,
-                       clip_score: Any, sampling: list[SamplingOptions]) -> dict[str, Any]:
-    """One result per guidance scale (`sampling`: the settings of each, equal but for the scale)."""
+                       clip_score: Any, sampling: list[SamplingOptions], posthoc: list[float | None]
+                       ) -> dict[str, Any]:
+    """One result per post-hoc EMA length and guidance scale (`sampling`: the settings of each scale; `posthoc`:
+    the sigma_rels to rebuild, [None] for the checkpoint's own weights)."""
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
     resolution = int(cfg.resolution or pipeline.default_size)
     pipeline.check_size(resolution, resolution)
@@ -201,13 +220,21 @@ def _evaluate_pipeline(cfg: DictConfig, device: torch.device, metrics: list[str]
     reference = (reference_statistics(real, features, resolution, cfg.reference, cfg.keep_features)
                  if features is not None else None)
     results = []
-    for options in sampling:
-        scores = generation_metrics(pipeline, real, reference, metrics=metrics, features=features,
-                                    clip_score=clip_score, seed=cfg.seed, batch_size=cfg.batch_size,
-                                    kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
-                                    height=resolution, width=resolution, **options.generate_kwargs())
-        results.append({"guidance": options.guidance, **scores})
-        log.info(f"guidance {options.guidance}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    for sigma_rel in posthoc:
+        row: dict[str, Any] = {}
+        if sigma_rel is not None:
+            rebuilt = reconstruct(snapshot_folder(cfg.ckpt, cfg.posthoc_snapshots), sigma_rel, cfg.posthoc_step)
+            pipeline.backbone.load_state_dict(rebuilt.state_dict)
+            pipeline.weights = f"posthoc_ema (sigma_rel {sigma_rel} at step {rebuilt.step})"
+            row = {"sigma_rel": sigma_rel, "profile_error": rebuilt.profile_error}
+        for options in sampling:
+            scores = generation_metrics(pipeline, real, reference, metrics=metrics, features=features,
+                                        clip_score=clip_score, seed=cfg.seed, batch_size=cfg.batch_size,
+                                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
+                                        height=resolution, width=resolution, **options.generate_kwargs())
+            results.append({**row, "guidance": options.guidance, **scores})
+            log.info(f"{pipeline.weights}, guidance {options.guidance}: "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     settings = {k: v for k, v in sampling[0].record().items() if k != "guidance"}
     return {"weights": pipeline.weights, "resolution": resolution, "seed": cfg.seed, **settings,
             "clip_model": clip_score.name if clip_score is not None else None,
@@ -230,6 +257,10 @@ def _log_wandb(cfg: DictConfig, record: dict[str, Any], out_dir: Path) -> None:
         if len(rows) > 1:
             table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
             run.log({"eval/guidance_curve": table}, step=len(rows) - 1)
+            if "sigma_rel" in rows[0]:  # a post-hoc EMA sweep: each metric against the EMA length
+                lines = {f"eval/ema_curve/{m}": wandb.plot.line(table, "sigma_rel", m, title=f"{m} vs EMA length")
+                         for m in rows[0] if m not in ("sigma_rel", "profile_error", "guidance")}
+                run.log(lines, step=len(rows) - 1)
         run.summary.update({f"eval/{k}": v for k, v in rows[-1].items() if v is not None})
     finally:
         run.finish()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +189,19 @@ def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
 
 
 def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None = None,
-                    config: str | Path | None = None, autoencoder: str | Path | None = None) -> Path:
-    """Write a self-contained export of a stage-2 checkpoint (see the module docstring); returns `out_dir`."""
+                    config: str | Path | None = None, autoencoder: str | Path | None = None,
+                    backbone: Mapping[str, torch.Tensor] | None = None, weights: str | None = None) -> Path:
+    """Write a self-contained export of a stage-2 checkpoint (see the module docstring); returns `out_dir`.
+    `backbone` replaces the checkpoint's backbone weights (a post-hoc EMA), `weights` names them on the card."""
     ckpt, out = Path(ckpt), Path(out_dir)
-    model_cfg, states, data_cfg, weights, run_config, trained_with = _load_lightning(
+    model_cfg, states, data_cfg, recorded, run_config, trained_with = _load_lightning(
         ckpt, Path(config) if config else None, ema)
+    if backbone is not None:
+        states["backbone"] = dict(backbone)
+    weights = weights or recorded
     autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder)  # checks that every part loads
+    _load_part(pipeline.backbone, states["backbone"], "backbone", ckpt)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in states["backbone"].items()}, str(out / BACKBONE_FILE))
     if states["text_encoder"] is not None:
