@@ -108,7 +108,7 @@ def test_every_bad_sample_is_skipped_and_counted(bad_dataset, num_workers):
     expected_keys |= {f"c{i:03d}" for i in range(4)}
     assert sorted(keys) == sorted(expected_keys)
     assert _totals(batches) == {"corrupt_image": 2, "missing_image": 1, "bad_caption": 2, "too_small": 1,
-                                "too_large": 2, "bad_shard": 2, "filtered": 2, "corrupt_latent": 0,
+                                "too_large": 2, "bad_shard": 2, "empty_shard": 0, "filtered": 2, "corrupt_latent": 0,
                                 "padded_batches": 0}
     captions = dict(zip(keys, [c for b in batches for c in b["caption"]]))
     assert captions["b010"] == "" and captions["a000"] == "ok"
@@ -125,19 +125,39 @@ def test_batch_format(bad_dataset):
     assert set(batch["skips"]) == set(SKIP_CAUSES)
 
 
-def test_short_rank_pads_by_restarting_its_stream(tmp_path):
-    # Stats promise 8 + 8 samples, but 3 images in the first shard are corrupt: batches_per_rank says 4
-    # (2 per worker at batch_size 4), the first pass fills 3, so one padded batch must follow.
+def _short_shards(tmp_path):
+    """Stats promise 8 + 8 samples, but 3 images in the first shard are corrupt."""
     recs = _good("a", 5) + [_record(f"a9{i}", image=b"garbage") for i in range(3)]
     _write_tar(tmp_path / "00000.tar", recs, stats=8)
     _write_tar(tmp_path / "00001.tar", _good("b", 8), stats=8)
+
+
+def test_one_rank_ends_its_epoch_early_rather_than_repeat(tmp_path):
+    """batches_per_rank says 4 (2 per worker at batch_size 4); the first worker fills 1 (its 5th good sample is its
+    dropped partial batch): one rank stops after 3 batches, each good sample at most once, no padding."""
+    _short_shards(tmp_path)
     loader = ShardLoader(tmp_path, batch_size=4, resolution=RES, num_workers=2, shuffle=False)
     assert len(loader) == 4
-    batches = list(loader)
-    assert len(batches) == 4 and all(len(b["key"]) == 4 for b in batches)
-    totals = _totals(batches)
-    assert totals["padded_batches"] == 1 and totals["corrupt_image"] == 3
-    assert sum(totals.values()) == 4
+    for _ in range(2):  # and again next epoch
+        batches = list(loader)
+        keys = [k for b in batches for k in b["key"]]
+        assert len(batches) == 3 and len(keys) == len(set(keys)) == 12
+        assert set(keys) == {f"a{i:03d}" for i in range(4)} | {f"b{i:03d}" for i in range(8)}
+        totals = _totals(batches)
+        assert totals["padded_batches"] == 0 and totals["corrupt_image"] == 3
+
+
+def test_a_short_rank_of_several_pads_by_restarting_its_stream(tmp_path):
+    """Two ranks must run equal epochs: rank 0 (shard 0) fills 1 of its 2 batches and repeats its stream for the
+    other, counted as one padded batch."""
+    _short_shards(tmp_path)
+    ranks = [ShardLoader(tmp_path, batch_size=4, resolution=RES, num_workers=1, shuffle=False, rank=r,
+                         world_size=2) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2]
+    short, full = (list(r) for r in ranks)
+    assert len(short) == len(full) == 2 and all(len(b["key"]) == 4 for b in short + full)
+    assert _totals(short)["padded_batches"] == 1 and _totals(short)["corrupt_image"] == 3
+    assert short[1]["key"] == short[0]["key"] and _totals(full)["padded_batches"] == 0
 
 
 def test_no_usable_sample_raises_instead_of_hanging(tmp_path):

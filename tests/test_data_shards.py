@@ -105,8 +105,9 @@ def test_counts_from_stats_scan_and_remote(tmp_path):
     stats_path(summary.shards[1]).unlink()  # no stats: scan headers, count distinct keys
     assert count_shard_samples(str(summary.shards[1])) == 2
     with TarWriter(str(tmp_path / "raw.tar"), encoder=False) as w:  # samples with 1-3 files each
-        w.write({"__key__": "a", "txt": b"x"})
+        w.write({"__key__": "a", "txt": b"x"})  # a caption without an image: not a sample the loader can use
         w.write({"__key__": "b", "txt": b"x", "jpg": b"y", "json": b"{}"})
+        w.write({"__key__": "c", "png": b"y"})
     assert count_shard_samples(str(tmp_path / "raw.tar")) == 2
     assert count_shard_samples("pipe:cat x.tar") is None
     with pytest.raises(ValueError, match="samples_per_shard"):

@@ -166,6 +166,8 @@ def _expand_local(spec: str) -> list[str]:
             urls.append(part)
         else:
             missing.append(part)
+    if not urls and not glob.has_magic(spec) and "{" not in spec and not spec.endswith(".tar"):
+        raise FileNotFoundError(f"shard directory {spec!r} does not exist")
     if not urls:
         raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
     if missing:
@@ -192,20 +194,48 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     return urls
 
 
-def scan_tar_keys(path: str | os.PathLike) -> int:
-    """Distinct sample keys in a local tar, read from the headers only; a corrupt tail ends the count."""
-    keys = set()
+SAMPLE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "latent.npy")  # a sample the loader can use has one of these
+
+
+@dataclass(frozen=True)
+class TarScan:
+    """What a local tar's headers promise: `samples` = keys with an image (or cached latent) member; `problem`
+    says why a tar gives none or fewer than it holds ("empty", "not a tar", "no image", "truncated")."""
+
+    samples: int
+    keys: int
+    problem: str | None = None
+
+
+def scan_tar(path: str | os.PathLike) -> TarScan:
+    """Scan a local tar's headers (no member data is read)."""
+    keys, usable, problem = set(), set(), None
     try:
+        if os.path.getsize(path) == 0:
+            return TarScan(0, 0, "empty")
         with tarfile.open(path, "r:") as tf:
             for member in tf:
                 if not member.isreg() or member.name.startswith("__"):
                     continue
-                key, _ = base_plus_ext(member.name)
+                key, ext = base_plus_ext(member.name)
                 if key is not None:
                     keys.add(key)
+                    if ext is not None and ext.lower() in SAMPLE_EXTENSIONS:
+                        usable.add(key)
+    except tarfile.ReadError as e:
+        problem = "truncated" if keys else "empty" if "empty" in str(e) else "not a tar"
     except (tarfile.TarError, OSError, EOFError):
-        pass
-    return len(keys)
+        problem = "truncated" if keys else "not a tar"
+    if problem is None and not keys:
+        problem = "empty"
+    elif problem is None and not usable:
+        problem = "no image"
+    return TarScan(len(usable), len(keys), problem)
+
+
+def scan_tar_keys(path: str | os.PathLike) -> int:
+    """Samples in a local tar with an image (or latent) member, from the headers; a corrupt tail ends the count."""
+    return scan_tar(path).samples
 
 
 def count_shard_samples(url: str) -> int | None:
@@ -218,7 +248,7 @@ def count_shard_samples(url: str) -> int | None:
             return int(json.loads(stats.read_text())["successes"])
         except (ValueError, KeyError, TypeError):
             pass  # malformed stats: fall back to the tar itself
-    return scan_tar_keys(url)
+    return scan_tar(url).samples
 
 
 def shard_sample_counts(urls: Sequence[str], samples_per_shard: int | None = None) -> list[int]:
@@ -232,6 +262,18 @@ def shard_sample_counts(urls: Sequence[str], samples_per_shard: int | None = Non
             f"cannot count the samples of remote shard {unknown[0]!r} (no local _stats.json): "
             "pass samples_per_shard=<int>, or use mode='resampled' with batches_per_epoch")
     return counts  # type: ignore[return-value]
+
+
+def check_some_samples(urls: Sequence[str], counts: Sequence[int]) -> None:
+    """A clear start-up error when no shard can give a sample (rather than an empty epoch or a reader spinning
+    over empty tars), naming what is wrong with them."""
+    if any(counts):
+        return
+    problems = Counter(scan_tar(url).problem or "stats say 0 samples" for url in urls)
+    shown = ", ".join(f"{n} {problem}" for problem, n in problems.most_common())
+    raise ValueError(f"none of the {len(urls)} shard(s) holds a usable sample (an image or cached latent with a "
+                     f"key): {shown} (e.g. {urls[0]}). img2dataset writes empty tars when every download of a shard "
+                     "failed; check its *_stats.json files.")
 
 
 # ----------------------------------------------------------------------------------------------------------

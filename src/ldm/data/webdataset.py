@@ -7,8 +7,10 @@ mode="resampled"). Shards are permuted with (seed, epoch), identically on every 
 permutation goes to slot i mod (world_size * num_workers), slot = worker * world_size + rank. Each worker
 batches its own samples and drops its partial batch, so rank r owns sum_w floor(n_rw / batch_size) batches and
 every rank yields exactly the minimum of that over ranks. A rank with more drops the rest for this epoch (the
-next permutation brings them back); a rank left short by skipped samples restarts its stream from the start,
-and each such batch carries skips["padded_batches"] = 1 (a count of batches, not samples). The count can
+next permutation brings them back); with several ranks, a rank left short by skipped samples restarts its stream
+from the start, and each such batch carries skips["padded_batches"] = 1 (a count of batches, not samples). A single
+rank is never padded: its epoch ends early instead, so it sees every good sample exactly once (but for each
+worker's partial last batch, dropped with drop_last). The count can
 differ by a batch or two between epochs; Lightning reads len() once unless reload_dataloaders_every_n_epochs=1
 (then each epoch is exact), otherwise it cuts longer epochs at the first one's length; all ranks agree either way.
 
@@ -38,11 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from ldm.data.shards import expand_urls, shard_sample_counts
+from ldm.data.shards import check_some_samples, expand_urls, is_remote, shard_sample_counts
 from ldm.data.transforms import ImageTransform, SkipSample, to_unit_range
 
 SKIP_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "bad_shard",
-               "filtered", "corrupt_latent", "padded_batches")
+               "empty_shard", "filtered", "corrupt_latent", "padded_batches")
 LATENT_EXTENSION = "latent.npy"  # cached posterior of one image: (2, c, h, w) = (mean, std), see data/latent_cache
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
@@ -116,32 +118,53 @@ def _open(url: str):
     return gopen(url)
 
 
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
 def _group_by_key(entries: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
     sample: dict[str, Any] | None = None
-    for entry in entries:
-        key, ext = base_plus_ext(entry["fname"])
-        if key is None:
-            continue
-        if sample is not None and key != sample["__key__"]:
+    try:
+        for entry in entries:
+            key, ext = base_plus_ext(entry["fname"])
+            if key is None:
+                continue
+            if sample is not None and key != sample["__key__"]:
+                yield sample
+                sample = None
+            sample = sample or {"__key__": key, "__url__": url}
+            sample[ext.lower()] = entry["data"]
+    except _TAR_ERRORS:
+        # A tar that breaks mid-member: the members read so far are whole (a member's data is read before it is
+        # handed on). The sample being grouped is delivered when it has a caption and an image (or latent): the
+        # break came in the next sample's first member. Otherwise it is the half-read sample the break cut off,
+        # lost with the shard (counted once, as bad_shard) rather than blamed on a missing caption or image.
+        if sample is not None and "txt" in sample and any(ext in sample for ext in (*IMAGE_EXTENSIONS,
+                                                                                   LATENT_EXTENSION)):
             yield sample
-            sample = None
-        sample = sample or {"__key__": key, "__url__": url}
-        sample[ext.lower()] = entry["data"]
-    if sample is not None:  # not reached when the tar breaks: a half-read sample goes down with its shard
+        raise
+    if sample is not None:
         yield sample
 
 
 def read_shard(url: str) -> Iterator[dict[str, Any] | str]:
-    """Raw samples {"__key__", ext: bytes} of one shard; a shard that fails ends with the cause "bad_shard"."""
+    """Raw samples {"__key__", ext: bytes} of one shard. A shard that cannot be read to its end ends with the cause
+    "bad_shard" (one per failed read, after the samples read before the failure); one that holds no sample at all
+    gives "empty_shard"."""
     try:
         stream = _open(url)
     except (OSError, ValueError):
         yield "bad_shard"
         return
+    samples = 0
     try:
-        yield from _group_by_key(tar_file_iterator(stream), url)
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        yield "bad_shard"
+        for sample in _group_by_key(tar_file_iterator(stream), url):
+            samples += 1
+            yield sample
+        if samples == 0:
+            yield "empty_shard"
+    except _TAR_ERRORS as e:  # a 0-byte file is an empty shard too ("empty file"), not a broken one
+        empty = samples == 0 and isinstance(e, tarfile.ReadError) and "empty file" in str(e)
+        yield "empty_shard" if empty else "bad_shard"
     finally:
         # A pipe we stop reading early reports its SIGPIPE exit here; failed reads were already counted above.
         with contextlib.suppress(OSError):
@@ -245,7 +268,7 @@ class ShardDataset(IterableDataset):
             yield self.urls[rng.randrange(len(self.urls))]
 
     def _decoded(self, raws: Iterator[dict[str, Any] | str], rng: random.Random) -> Iterator[dict | str]:
-        consecutive = 0
+        consecutive, causes = 0, Counter()
         for raw in raws:
             if isinstance(raw, str):
                 cause = raw
@@ -255,13 +278,17 @@ class ShardDataset(IterableDataset):
                 except SkipSample as e:
                     cause = e.cause
                 else:
-                    consecutive = 0
+                    consecutive, causes = 0, Counter()
                     yield sample
                     continue
             yield cause
             consecutive += 1
+            causes[cause] += 1
             if self.mode == "resampled" and consecutive >= _MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(f"{consecutive} consecutive unusable samples in shards like {self.urls[0]!r}")
+                shown = ", ".join(f"{n} {c}" for c, n in causes.most_common())
+                raise RuntimeError(f"resampled mode read {consecutive} samples and shards in a row without a usable "
+                                   f"sample ({shown}) from shards like {self.urls[0]!r}: check the shards (or the "
+                                   "metadata_filters)")
 
     def _batches(self, items: Iterator[dict | str]) -> Iterator[Batch]:
         skips: Counter = Counter()
@@ -354,6 +381,8 @@ class ShardLoader:
         self._skip: tuple[int, int] | None = None  # (epoch, batches) already trained on before a restart
         if mode == "epoch":
             self._check_epoch_mode(samples_per_shard)
+        elif samples_per_shard is None and not any(is_remote(u) for u in self.urls):
+            check_some_samples(self.urls, shard_sample_counts(self.urls))  # else resampling would spin on them
 
     def _check_epoch_mode(self, samples_per_shard: int | None) -> None:
         slots = self.world_size * max(1, self.num_workers)
@@ -363,6 +392,7 @@ class ShardLoader:
                 f"{max(1, self.num_workers)} worker(s) = {slots} slots in mode='epoch': write more, smaller "
                 "shards, use fewer workers, or use mode='resampled'")
         self.counts = shard_sample_counts(self.urls, samples_per_shard)
+        check_some_samples(self.urls, self.counts)
         if len(self) == 0:
             raise ValueError(f"an epoch has 0 batches: per-rank batches {self.batches_per_rank()} with "
                              f"batch_size={self.batch_size} over {sum(self.counts)} samples")
@@ -430,10 +460,11 @@ class ShardLoader:
                     batch["image"] = self._to_float(batch["image"])
                 yield batch
                 done, produced = done + 1, produced + 1
-            if not self.drop_last:
-                return
             if produced == 0:
                 raise RuntimeError(f"rank {self.rank} found no usable sample in {len(self.urls)} shards "
                                    f"(epoch {self.epoch}) and cannot fill its {n} batches")
-            # Only a rank left short (skipped samples, broken shards) gets here: rerun its stream as padding.
+            if not self.drop_last or self.world_size == 1:
+                return  # one rank: the epoch ends early rather than repeat samples (nobody waits for it)
+            # Only a rank of several left short (skipped samples, broken shards) gets here: the ranks must run equal
+            # epochs, so it reruns its stream as padding.
             padding = True
