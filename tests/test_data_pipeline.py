@@ -109,7 +109,7 @@ def test_every_bad_sample_is_skipped_and_counted(bad_dataset, num_workers):
     assert sorted(keys) == sorted(expected_keys)
     assert _totals(batches) == {"corrupt_image": 2, "missing_image": 1, "bad_caption": 2, "too_small": 1,
                                 "too_large": 2, "bad_shard": 2, "empty_shard": 0, "filtered": 2, "corrupt_latent": 0,
-                                "padded_batches": 0}
+                                "unbatched": 0, "left_out": 0, "padded_batches": 0}
     captions = dict(zip(keys, [c for b in batches for c in b["caption"]]))
     assert captions["b010"] == "" and captions["a000"] == "ok"
 
@@ -145,6 +145,7 @@ def test_one_rank_ends_its_epoch_early_rather_than_repeat(tmp_path):
         assert set(keys) == {f"a{i:03d}" for i in range(4)} | {f"b{i:03d}" for i in range(8)}
         totals = _totals(batches)
         assert totals["padded_batches"] == 0 and totals["corrupt_image"] == 3
+        assert totals["unbatched"] == 1  # a004, the first worker's partial batch: dropped, but counted
 
 
 def test_a_short_rank_of_several_pads_by_restarting_its_stream(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.conf import CONF_DIR
+from ldm.data.buckets import resolve_buckets
 from ldm.data.latent_cache import cache_latents
 from ldm.models.autoencoder.export import load_autoencoder
 from ldm.utils.device import resolve_device
@@ -40,9 +41,11 @@ def run(cfg: DictConfig) -> None:
     source = Path(str(cfg.source))
     splits = [s for s in SPLITS if (source / s).is_dir()] if source.is_dir() else []
     jobs = [(str(source / s), Path(cfg.out) / s) for s in splits] or [(cfg.source, Path(cfg.out))]
+    buckets = resolve_buckets(cfg.buckets, cfg.resolution, cfg.bucket_multiple, cfg.bucket_max_ratio)
     for src, out in jobs:
         summary = cache_latents(autoencoder, src, out, resolution=cfg.resolution, batch_size=cfg.batch_size,
-                                rank=rank, world_size=world_size, dtype=dtype)
+                                rank=rank, world_size=world_size, dtype=dtype,
+                                buckets=None if out.name == "val" else buckets)  # validation stays square
         skipped = ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) or "none"
         log.info(f"[rank {rank}] {out}: {summary.samples} samples in {len(summary.written)} new shards, "
                  f"{len(summary.resumed)} already done; skipped: {skipped}")

@@ -4,12 +4,14 @@ across DDP ranks and DataLoader workers without needing torch.distributed."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
 from torch.utils.data import DataLoader
 
+from ldm.data.buckets import resolve_buckets
 from ldm.data.latent_cache import read_card
 from ldm.data.shards import expand_urls
 from ldm.data.webdataset import DEFAULT_MAX_PIXELS, ShardLoader
@@ -30,6 +32,9 @@ class WebDataModule(L.LightningDataModule):
         metadata_filters: json thresholds, e.g. {"min_width": 256, "aesthetic": 5.0} (json[key] >= value).
         latents: the shards are a latent cache (scripts/cache_latents.py): batches carry "latent" instead of
             "image", and `cache_card` gives the cache's identity for stage 2 to check.
+        buckets: aspect-ratio buckets for training (validation stays square at `resolution`): True makes them
+            (ldm.data.buckets.make_buckets(resolution, bucket_multiple, bucket_max_ratio)), a list gives (h, w)
+            sizes, each side a multiple of `bucket_multiple` (the autoencoder's factor x the backbone's multiple).
         overfit_batches: debugging (`debug=overfit`): every epoch is the first N batches of epoch 0, held in
             memory. Lightning's own `overfit_batches` cannot do this for a streaming loader, which reshuffles.
     """
@@ -40,7 +45,9 @@ class WebDataModule(L.LightningDataModule):
                  crop: Literal["center", "random"] = "random", flip: bool = True, min_side: int = 8,
                  max_pixels: int = DEFAULT_MAX_PIXELS, metadata_filters: dict[str, float] | None = None,
                  samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
-                 seed: int = 0, latents: bool = False, overfit_batches: int = 0):
+                 seed: int = 0, latents: bool = False, overfit_batches: int = 0,
+                 buckets: bool | Sequence[Sequence[int]] = False, bucket_multiple: int = 64,
+                 bucket_max_ratio: float = 2.0):
         super().__init__()
         self.save_hyperparameters(logger=False)  # in the checkpoint; loggers get them as data.* of the config
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -54,6 +61,7 @@ class WebDataModule(L.LightningDataModule):
         if overfit_batches < 0:
             raise ValueError(f"overfit_batches must be >= 0 (0: off), got {overfit_batches}")
         self.overfit_batches = overfit_batches
+        self.buckets = resolve_buckets(buckets, resolution, bucket_multiple, bucket_max_ratio)
         self._overfit: list[dict[str, Any]] | None = None
         self.train_loader: ShardLoader | None = None
         self._resume_position: tuple[int, int] | None = None
@@ -68,6 +76,11 @@ class WebDataModule(L.LightningDataModule):
                 "max_pixels": self.max_pixels, "metadata_filters": self.metadata_filters,
                 "samples_per_shard": self.samples_per_shard, "pin_memory": self.pin_memory, "seed": self.seed,
                 "latents": self.latents}
+
+    def _cache_buckets(self) -> int | None:
+        """A latent cache's number of sizes (its card's `buckets`), for the epoch length."""
+        card = self.cache_card
+        return len(card.get("buckets") or []) or None if card else None
 
     @property
     def cache_card(self) -> dict | None:
@@ -85,7 +98,8 @@ class WebDataModule(L.LightningDataModule):
             self.train_loader = ShardLoader(
                 self.train_shards, batch_size=self.batch_size, mode=self.mode, num_workers=self.num_workers,
                 batches_per_epoch=self.batches_per_epoch, shuffle=True, shuffle_buffer=self.shuffle_buffer,
-                crop=self.crop, flip=self.flip, **common)
+                crop=self.crop, flip=self.flip, buckets=None if self.latents else self.buckets,
+                num_buckets=self._cache_buckets(), **common)
         if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_loader is None:
             self.val_loader = self._make_val_loader(common, world_size)
 

@@ -69,11 +69,14 @@ def _npy(array: torch.Tensor) -> bytes:
 
 @torch.no_grad()
 def cache_shard(autoencoder: AutoencoderKL, url: str, out_path: Path, *, resolution: int, batch_size: int = 64,
-                dtype: torch.dtype = torch.float32, summary: CacheSummary | None = None) -> int:
-    """Encode one image shard (centre crop, no flip) into `out_path`; returns the samples written."""
+                dtype: torch.dtype = torch.float32, summary: CacheSummary | None = None,
+                buckets: Sequence[tuple[int, int]] | None = None) -> int:
+    """Encode one image shard (centre crop, no flip; with `buckets`, each image at its aspect-ratio bucket) into
+    `out_path`; returns the samples written."""
     device = next(autoencoder.parameters()).device
     loader = ShardLoader(url, batch_size=batch_size, resolution=resolution, mode="epoch", num_workers=0,
-                         shuffle=False, shuffle_buffer=0, drop_last=False, crop="center", flip=False)
+                         shuffle=False, shuffle_buffer=0, drop_last=False, crop="center", flip=False,
+                         buckets=buckets)
     records, start = [], time.time()
     for batch in loader:
         posterior = autoencoder.encode(batch["image"].to(device))
@@ -88,14 +91,16 @@ def cache_shard(autoencoder: AutoencoderKL, url: str, out_path: Path, *, resolut
 
 def cache_latents(autoencoder: AutoencoderKL, source: str | Sequence[str], out_dir: str | Path, *, resolution: int,
                   batch_size: int = 64, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
-                  progress: bool = True) -> CacheSummary:
+                  progress: bool = True, buckets: Sequence[tuple[int, int]] | None = None) -> CacheSummary:
     """Encode every shard of `source` into `out_dir`, shard i on rank i % world_size. Finished shards (tar and
-    stats present) are skipped, so an interrupted run resumes where it stopped."""
+    stats present) are skipped, so an interrupted run resumes where it stopped. With `buckets` each latent keeps its
+    image's aspect-ratio bucket (latent sizes vary; the loader batches one size at a time); the card lists them."""
     urls = expand_urls(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = {**cache_identity(autoencoder, resolution), "dtype": str(dtype).removeprefix("torch."),
-                "source": [str(u) for u in urls], "autoencoder": autoencoder.config}
+                "source": [str(u) for u in urls], "autoencoder": autoencoder.config,
+                "buckets": [list(b) for b in buckets] if buckets else None}
     card_path = out / CARD
     if card_path.is_file():
         check_cache(read_card(out), identity["autoencoder_sha256"], f"the existing cache in {out}")
@@ -109,6 +114,6 @@ def cache_latents(autoencoder: AutoencoderKL, source: str | Sequence[str], out_d
             summary.resumed.append(target)
             continue
         summary.samples += cache_shard(autoencoder, url, target, resolution=resolution, batch_size=batch_size,
-                                       dtype=dtype, summary=summary)
+                                       dtype=dtype, summary=summary, buckets=buckets)
         summary.written.append(target)
     return summary

@@ -4,8 +4,10 @@ at the target resolution -> float tensor in [-1, 1]."""
 from __future__ import annotations
 
 import io
+import math
 import random
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from ldm.data.buckets import cover_box, nearest_bucket
 
 WHITE = (255, 255, 255)
 
@@ -78,13 +82,14 @@ def open_image(data: bytes, *, min_side: int = 1, max_pixels: int | None = None)
     return img
 
 
-def decode_image(data: bytes, *, draft_size: int | None = None, min_side: int = 1,
-                 max_pixels: int | None = None) -> Image.Image:
-    """Decode `data` to RGB; JPEGs are decoded at the smallest DCT scale whose sides stay >= `draft_size`."""
+def decode_image(data: bytes, *, draft_size: int | Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+                 min_side: int = 1, max_pixels: int | None = None) -> Image.Image:
+    """Decode `data` to RGB; JPEGs are decoded at the smallest DCT scale whose sides stay >= `draft_size` (a side,
+    or a function of the header's (w, h) giving the (w, h) needed)."""
     img = open_image(data, min_side=min_side, max_pixels=max_pixels)
     if draft_size is not None and img.format == "JPEG":
         # Decoding at 1/2, 1/4 or 1/8 scale skips most of the IDCT work and the resize that would follow.
-        img.draft("RGB", (draft_size, draft_size))
+        img.draft("RGB", draft_size(img.size) if callable(draft_size) else (draft_size, draft_size))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -134,24 +139,40 @@ def to_tensor(img: Image.Image) -> Tensor:
 
 @dataclass
 class ImageTransform:
-    """Resize the shortest side to `resolution`, crop a square (center or random) and optionally flip."""
+    """Resize the shortest side to `resolution`, crop a square (center or random) and optionally flip; with
+    `buckets` ((h, w) sizes, ldm.data.buckets), resize to cover the bucket nearest the image's aspect ratio and crop
+    the least instead."""
 
     resolution: int
     crop: Literal["center", "random"] = "center"
     flip: bool = False
+    buckets: Sequence[tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        self.buckets = [(int(h), int(w)) for h, w in self.buckets] if self.buckets else None
+
+    def target(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) an image of `size` = (w, h) is trained at."""
+        return nearest_bucket(*size, self.buckets) if self.buckets else (self.resolution, self.resolution)
+
+    def _draft(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (w, h) a decoded image needs so that its crop still covers its target."""
+        (bh, bw), (w, h) = self.target(size), size
+        scale = max(bw / w, bh / h)
+        return math.ceil(w * scale), math.ceil(h * scale)
 
     def resize_crop(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
-        """RGB image -> (resolution, resolution) RGB image."""
-        box = square_box(img.size, self.crop, rng)
+        """RGB image -> RGB image of its target size (resolution x resolution without buckets)."""
+        height, width = self.target(img.size)
+        box = cover_box(*img.size, (height, width), self.crop, rng) if self.buckets else square_box(
+            img.size, self.crop, rng)
         # Cropping through resize(box=...) resamples only the pixels we keep: same result as resize-then-crop
         # up to sub-pixel alignment, without resizing the discarded strip.
-        out = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC, box=box)
+        out = img.resize((width, height), Image.Resampling.BICUBIC, box=box)
         if self.flip:
             if rng is None:
                 raise ValueError("flip=True needs a seeded random.Random")
@@ -164,8 +185,9 @@ class ImageTransform:
 
     def decode_uint8(self, data: bytes, rng: random.Random | None = None, *, min_side: int = 1,
                      max_pixels: int | None = None) -> Tensor:
-        """Encoded image bytes -> uint8 (3, R, R); raises SkipSample on unusable images."""
-        img = decode_image(data, draft_size=self.resolution, min_side=min_side, max_pixels=max_pixels)
+        """Encoded image bytes -> uint8 (3, H, W) of its target size; raises SkipSample on unusable images."""
+        img = decode_image(data, draft_size=self._draft if self.buckets else self.resolution, min_side=min_side,
+                           max_pixels=max_pixels)
         try:
             return to_uint8(self.resize_crop(img, rng))
         except OSError as e:  # lazily decoded formats can still fail while resampling

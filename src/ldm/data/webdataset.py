@@ -44,7 +44,11 @@ from ldm.data.shards import check_some_samples, expand_urls, is_remote, shard_sa
 from ldm.data.transforms import ImageTransform, SkipSample, to_unit_range
 
 SKIP_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "bad_shard",
-               "empty_shard", "filtered", "corrupt_latent", "padded_batches")
+               "empty_shard", "filtered", "corrupt_latent", "unbatched", "left_out", "padded_batches")
+# Causes that count samples (the others count shard reads and batches): with the delivered samples and "left_out"
+# they add up to the samples a rank's shards hold in an epoch.
+SAMPLE_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "filtered",
+                 "corrupt_latent", "unbatched")
 LATENT_EXTENSION = "latent.npy"  # cached posterior of one image: (2, c, h, w) = (mean, std), see data/latent_cache
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
@@ -77,19 +81,30 @@ def assign_shards(urls: Sequence[str], rank: int, world_size: int, worker: int, 
     return [urls[i] for i in _shard_order(len(urls), epoch, seed, shuffle)[slot::num_slots]]
 
 
-def rank_batches(counts: Sequence[int], *, world_size: int, num_workers: int, batch_size: int, epoch: int,
-                 seed: int, shuffle: bool, drop_last: bool = True) -> list[int]:
-    """Batches each rank's workers produce from `counts` samples per shard (partial batches per worker)."""
+def worker_batches(n: int, batch_size: int, buckets: int = 1, drop_last: bool = True) -> int:
+    """Batches one worker makes from n samples spread over `buckets` sizes, whatever the spread: at least
+    ceil((n - buckets (B - 1)) / B) full ones (each bucket leaves fewer than B over), which is floor(n / B) for one
+    bucket; without drop_last at most ceil(n / B) + buckets - 1 (a partial batch per bucket)."""
+    if drop_last:
+        return max(0, -(-(n - buckets * (batch_size - 1)) // batch_size))
+    return min(n, -(-n // batch_size) + buckets - 1)
+
+
+def worker_samples(counts: Sequence[int], *, rank: int, world_size: int, num_workers: int, epoch: int, seed: int,
+                   shuffle: bool) -> list[int]:
+    """The samples each of a rank's workers reads in `epoch`, from `counts` samples per shard."""
     workers, order = max(1, num_workers), _shard_order(len(counts), epoch, seed, shuffle)
-    per_rank = []
-    for rank in range(world_size):
-        total = 0
-        for worker in range(workers):
-            slot, num_slots = _slots(rank, world_size, worker, workers)
-            n = sum(counts[i] for i in order[slot::num_slots])
-            total += n // batch_size if drop_last else -(-n // batch_size)
-        per_rank.append(total)
-    return per_rank
+    slots = (_slots(rank, world_size, worker, workers) for worker in range(workers))
+    return [sum(counts[i] for i in order[slot::num_slots]) for slot, num_slots in slots]
+
+
+def rank_batches(counts: Sequence[int], *, world_size: int, num_workers: int, batch_size: int, epoch: int,
+                 seed: int, shuffle: bool, drop_last: bool = True, buckets: int = 1) -> list[int]:
+    """Batches each rank's workers produce from `counts` samples per shard (partial batches per worker)."""
+    return [sum(worker_batches(n, batch_size, buckets, drop_last)
+                for n in worker_samples(counts, rank=rank, world_size=world_size, num_workers=num_workers,
+                                        epoch=epoch, seed=seed, shuffle=shuffle))
+            for rank in range(world_size)]
 
 
 def derive_seed(seed: int, rank: int, worker: int, epoch: int, stream: int = 0) -> int:
@@ -162,8 +177,8 @@ def read_shard(url: str) -> Iterator[dict[str, Any] | str]:
             yield sample
         if samples == 0:
             yield "empty_shard"
-    except _TAR_ERRORS as e:  # a 0-byte file is an empty shard too ("empty file"), not a broken one
-        empty = samples == 0 and isinstance(e, tarfile.ReadError) and "empty file" in str(e)
+    except _TAR_ERRORS as e:  # a 0-byte file is an empty shard too ("empty file"); an empty stream, a failed fetch
+        empty = samples == 0 and isinstance(e, tarfile.ReadError) and "empty file" in str(e) and not is_remote(url)
         yield "empty_shard" if empty else "bad_shard"
     finally:
         # A pipe we stop reading early reports its SIGPIPE exit here; failed reads were already counted above.
@@ -291,20 +306,28 @@ class ShardDataset(IterableDataset):
                                    "metadata_filters)")
 
     def _batches(self, items: Iterator[dict | str]) -> Iterator[Batch]:
+        """Whole batches of one size each (one aspect-ratio bucket, or one latent shape); with drop_last, the samples
+        left in unfilled buckets at the end of the stream are counted as "unbatched" on the last batch."""
         skips: Counter = Counter()
         pending: list[dict] | None = None  # held back so later skips can still ride on it
-        current: list[dict] = []
+        groups: dict[tuple[int, ...], list[dict]] = {}
         for item in items:
             if isinstance(item, str):
                 skips[item] += 1
                 continue
-            current.append(item)
-            if len(current) == self.batch_size:
+            group = groups.setdefault(tuple(item.get("image", item.get("latent")).shape), [])
+            group.append(item)
+            if len(group) == self.batch_size:
                 if pending is not None:
                     yield collate(pending, skips)
                     skips = Counter()
-                pending, current = current, []
-        tail = [b for b in (pending, current if not self.drop_last else None) if b]
+                pending = group.copy()
+                group.clear()
+        leftovers = [g for g in groups.values() if g]
+        if self.drop_last:
+            skips["unbatched"] += sum(len(g) for g in leftovers)
+            leftovers = []
+        tail = [b for b in (pending, *leftovers) if b]
         for i, samples in enumerate(tail):
             yield collate(samples, skips if i == 0 else Counter())
 
@@ -349,6 +372,10 @@ class ShardLoader:
         samples_per_shard: overrides the per-shard counts (for remote shards without `_stats.json`).
         latents: read latent shards (`ldm.data.latent_cache`): batches carry "latent" (B, 2, c, h, w) = posterior
             (mean, std) instead of "image"; resolution, crop and flip then play no part.
+        buckets: aspect-ratio buckets, (h, w) sizes (ldm.data.buckets.make_buckets): each image is resized to cover
+            the nearest and cropped by the least, and each batch holds one bucket. The epoch length then counts on
+            the worst spread over buckets (see worker_batches); samples left in unfilled buckets are "unbatched".
+        num_buckets: how many sizes a latent cache holds (its card says), for the epoch length.
     """
 
     def __init__(self, shards: str | Sequence[str], *, batch_size: int, resolution: int,
@@ -357,7 +384,8 @@ class ShardLoader:
                  shuffle_buffer: int = 500, drop_last: bool = True, crop: Literal["center", "random"] = "random",
                  flip: bool = True, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
                  metadata_filters: dict[str, float] | None = None, samples_per_shard: int | None = None,
-                 seed: int = 0, pin_memory: bool = False, latents: bool = False):
+                 seed: int = 0, pin_memory: bool = False, latents: bool = False,
+                 buckets: Sequence[tuple[int, int]] | None = None, num_buckets: int | None = None):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
@@ -373,8 +401,9 @@ class ShardLoader:
         self.batch_size, self.batches_per_epoch, self.drop_last = batch_size, batches_per_epoch, drop_last
         self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
         self.max_pixels = max_pixels
+        self.num_buckets = num_buckets or (len(buckets) if buckets else 1)
         self.shard_dataset = (LatentShardDataset if latents else ShardDataset)(
-            self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip), mode=mode,
+            self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip, buckets), mode=mode,
             rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
             drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters)
         self.counts: list[int] | None = None
@@ -421,7 +450,8 @@ class ShardLoader:
         assert self.counts is not None, "only defined in mode='epoch'"
         return rank_batches(self.counts, world_size=self.world_size, num_workers=self.num_workers,
                             batch_size=self.batch_size, epoch=self.epoch if epoch is None else epoch,
-                            seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last)
+                            seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last,
+                            buckets=self.num_buckets)
 
     def __len__(self) -> int:
         if self.mode == "resampled":
@@ -444,18 +474,29 @@ class ShardLoader:
         # Pinned here rather than by the DataLoader, which would pin the uint8 batch we then replace.
         return x.pin_memory() if self.pin_memory and torch.cuda.is_available() else x
 
+    def rank_samples(self) -> int | None:
+        """Epoch mode: the samples this rank's shards hold this epoch (from their stats or headers)."""
+        if self.counts is None:
+            return None
+        return sum(worker_samples(self.counts, rank=self.rank, world_size=self.world_size,
+                                  num_workers=self.num_workers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle))
+
     def __iter__(self) -> Iterator[Batch]:
         n, done, padding = len(self), 0, False
         skip = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
         self._skip = None
+        expected, accounted = self.rank_samples(), 0  # samples delivered or counted under a per-sample cause
         while done < n:
             produced = 0
             for batch in islice(self._dataloader(), n - done):  # stop without pulling a surplus batch
+                accounted += len(batch["key"]) + sum(batch["skips"][c] for c in SAMPLE_CAUSES)
                 if skip > 0:  # trained on before the restart: same stream, dropped
                     skip, done, produced = skip - 1, done + 1, produced + 1
                     continue
                 if padding:  # repeats: only the padding counter, so totals don't count a skip twice
                     batch["skips"] = {cause: int(cause == "padded_batches") for cause in SKIP_CAUSES}
+                elif done == n - 1 and expected is not None and self.drop_last:  # the epoch stops here
+                    batch["skips"]["left_out"] = max(0, expected - accounted)
                 if "image" in batch:
                     batch["image"] = self._to_float(batch["image"])
                 yield batch

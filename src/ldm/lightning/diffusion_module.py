@@ -48,9 +48,16 @@ def check_compatible(autoencoder: AutoencoderKL, backbone: nn.Module, text_encod
                          "latent_stats callback) or with scripts/export_autoencoder.py.")
 
 
-def check_latent_size(resolution: int | None, autoencoder: AutoencoderKL, backbone: nn.Module) -> None:
-    """Refuse a training resolution whose latents the backbone cannot take, before the first step."""
+def check_latent_size(resolution: int | None, autoencoder: AutoencoderKL, backbone: nn.Module,
+                      buckets: Sequence[tuple[int, int]] | None = None) -> None:
+    """Refuse a training resolution (or aspect-ratio bucket) whose latents the backbone cannot take, before the
+    first step."""
     f, m = autoencoder.downsample_factor, check_backbone(backbone).size_multiple
+    bad = next(((h, w) for h, w in buckets or () if h % (f * m) or w % (f * m)), None)
+    if bad is not None:
+        raise ValueError(f"the aspect-ratio bucket {bad[0]}x{bad[1]} gives latents the {type(backbone).__name__} cannot "
+                         f"take: bucket sides must be multiples of {f * m} (autoencoder factor {f} x the backbone's "
+                         f"size multiple {m}); set data.bucket_multiple={f * m}")
     if resolution is None or (resolution % f == 0 and (resolution // f) % m == 0):
         return
     valid = [r for r in range(f * m, 2 * resolution + f * m, f * m)]
@@ -168,8 +175,9 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        check_latent_size(getattr(datamodule, "resolution", None), self.autoencoder, self.backbone)
         card = getattr(datamodule, "cache_card", None)
+        buckets = (card or {}).get("buckets") or getattr(datamodule, "buckets", None)
+        check_latent_size(getattr(datamodule, "resolution", None), self.autoencoder, self.backbone, buckets)
         if card is not None:  # training from a latent cache: it must come from this very autoencoder
             check_cache(card, self.autoencoder_sha256, f"the latent cache {card.get('path', '')}")
 
