@@ -39,6 +39,19 @@ def experiment_overrides(name: str, tmp_path: Path, shapes_root: Path, vgg_file:
     if cfg.model._target_.endswith("DiffusionModule"):
         out += [f"model.autoencoder.path={tiny_export(tmp_path, cfg.model.backbone.in_channels)}",
                 "model.text_encoder.pretrained=null"]
+    if OmegaConf.is_missing(cfg.model, "init_from") if "init_from" in cfg.model else False:
+        out.append(f"model.init_from={backbone_export(tmp_path, cfg.model.backbone)}")
+    return out
+
+
+def backbone_export(tmp_path: Path, backbone_cfg) -> Path:
+    """The smallest pipeline export `model.init_from` reads: its card and the backbone's (random) weights."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "init_from"
+    out.mkdir()
+    save_file(hydra.utils.instantiate(backbone_cfg).state_dict(), str(out / "backbone.safetensors"))
+    (out / "pipeline.yaml").write_text("weights: random\n")
     return out
 
 
@@ -77,7 +90,7 @@ def test_experiment_instantiates(name: str, tmp_path: Path, shapes_root: Path, v
     built.datamodule.prepare_data()
     built.datamodule.setup("fit")
     batch = next(iter(built.datamodule.train_dataloader()))
-    assert batch["image"].shape[1:] == (3, cfg.data.resolution, cfg.data.resolution)
+    assert batch["image"].shape[1:] == (3, cfg.data.resolution, cfg.data.resolution)  # square shapes: square bucket
 
 
 def test_real_scale_autoencoder_geometry(tmp_path: Path, shapes_root: Path, vgg_file: Path) -> None:

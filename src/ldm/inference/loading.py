@@ -53,6 +53,28 @@ def ema_state(ckpt: dict[str, Any], attribute: str = "backbone") -> tuple[dict[s
     return None
 
 
+def backbone_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone weights of a stage-2 `.ckpt` (EMA when it has them, unless ema=False) or of a pipeline export,
+    and which they are: to start a new run from them (`model.init_from`, multi-stage resolution training)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EXPORT_CARD).is_file():
+            raise FileNotFoundError(f"{path} is a folder without {EXPORT_CARD}: not an ldm pipeline export.")
+        file = path / (BACKBONE_FILE if (path / BACKBONE_FILE).is_file() else OLD_BACKBONE_FILE)
+        return load_file(str(file)), str(OmegaConf.load(path / EXPORT_CARD).weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a stage-2 .ckpt or a pipeline export folder.")
+    ckpt = upgrade_stage2_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    if ckpt.get("ldm", {}).get("stage") != "diffusion":
+        raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm")
+    averaged = ema_state(ckpt)
+    if ema and averaged is None:
+        raise ValueError(f"{path} holds no EMA weights; pass ema=false for the raw ones.")
+    if averaged is not None and ema is not False:
+        return dict(averaged[0]), f"ema ({averaged[1]} updates)"
+    return {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}, "raw"
+
+
 def locate_autoencoder(model_cfg: DictConfig, run_config: Path | None, trained_with: str | None,
                        override: str | Path | None = None) -> Path:
     """The stage-1 autoencoder to sample a stage-2 checkpoint with.

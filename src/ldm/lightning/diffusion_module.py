@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.process import DiffusionProcess
+from ldm.inference.loading import backbone_weights
 from ldm.lightning.nonfinite import NonFiniteGuard
 from ldm.lightning.sharding import full_tensor, is_sharded, shard_backbone
 from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
@@ -22,9 +23,12 @@ from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Conditioning, check_backbone
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.checkpoint import check_architecture, upgrade_stage2_checkpoint
+from ldm.utils.logging import get_logger
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
+
+log = get_logger(__name__)
 
 
 def check_compatible(autoencoder: AutoencoderKL, backbone: nn.Module, text_encoder: OpenCLIPTextEncoder) -> None:
@@ -67,6 +71,21 @@ def check_latent_size(resolution: int | None, autoencoder: AutoencoderKL, backbo
                      f"use a resolution that is a multiple of {f * m}, e.g. {nearest}.")
 
 
+def load_initial_weights(backbone: nn.Module, path: str, ema: bool | None = None) -> None:
+    """Start from another run's backbone weights (EMA when it has them, unless ema=False): the next stage of a
+    multi-resolution recipe (256 px, then 512). Another architecture is refused by name."""
+    state, which = backbone_weights(path, ema)
+    own = backbone.state_dict()
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    result = backbone.load_state_dict(state, strict=False) if not wrong else None
+    if wrong or result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"model.init_from={path}: its backbone weights do not fit this {type(backbone).__name__}: "
+                         + (f"shapes differ for {wrong[:3]}" if wrong else f"missing {result.missing_keys[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]}")
+                         + ". Initialise from a run of the same backbone config.")
+    log.info(f"Initialised the {type(backbone).__name__} from {path} ({which} weights)")
+
+
 def architecture(backbone: nn.Module) -> dict[str, Any]:
     """What a checkpoint records of its backbone: the class and the constructor arguments that rebuild it."""
     cls = type(backbone)
@@ -102,11 +121,15 @@ class DiffusionModule(L.LightningModule):
         compile_backbone: bool | Literal["full", "blocks"] = False,
         compile_backend: str = "inductor",
         channels_last: bool = False,
+        init_from: str | None = None,
+        init_ema: bool | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         check_compatible(autoencoder, backbone, text_encoder)
+        if init_from is not None:  # weights only: the optimizer, data, schedule and step count start afresh
+            load_initial_weights(backbone, init_from, init_ema)
         self.backbone, self.text_encoder = backbone, text_encoder
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         # Frozen, so hashed once: recorded in every checkpoint, so that sampling, evaluation and resuming refuse
