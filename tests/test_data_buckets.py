@@ -184,9 +184,12 @@ def test_stage2_trains_on_bucketed_latents(bucketed_cache: Path, latent_parts: d
               f"paths.log_dir={tmp_path}", "data.batch_size=8", "trainer.max_steps=6", "trainer.val_check_interval=3",
               "trainer.limit_val_batches=1", "callbacks.sample_images.every_n_steps=6",
               "callbacks.sample_images.images_per_prompt=1", "callbacks.sample_images.sampling.steps=2",
-              "logger=csv", "num_threads=1")
+              'callbacks.sample_images.aspects=["5:3"]', "logger=csv", "num_threads=1")
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
+    square = Image.open(run_dir / "images" / "samples_00000006.png")
+    wide = Image.open(run_dir / "images" / "samples_5x3_00000006.png")  # the same grid of 24x40 samples
+    assert wide.width > square.width and wide.height < square.height
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

@@ -130,6 +130,12 @@ def test_sample_cli_writes_pngs_jsons_and_a_grid_and_json_reproduces(runs: dict[
     assert np.abs(png(written[0]).astype(int) - png(pngs[2]).astype(int)).max() <= 1  # same seed, batch of 1
 
 
+def test_sample_cli_takes_an_aspect_ratio(runs: dict[str, Path], tmp_path: Path) -> None:
+    written = sample_run(sample_cfg(tmp_path, ckpt=runs["ckpt"], prompt=f"'{PROMPT}'", num_images=1, aspect="'9:16'"))
+    record = json.loads(written[0].with_suffix(".json").read_text())
+    assert png(written[0]).shape[:2] == (40, 24) and (record["height"], record["width"]) == (40, 24)
+
+
 def test_export_samples_the_same_images_as_the_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
     export = export_pipeline(runs["ckpt"], tmp_path / "export")
     a = sample_run(sample_cfg(tmp_path / "from_ckpt", ckpt=runs["ckpt"], prompt=f"'{PROMPT}'"))
@@ -171,6 +177,8 @@ def test_img2img_and_inpainting_from_files(runs: dict[str, Path], tmp_path: Path
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     ({"ckpt": "/nonexistent/last.ckpt"}, FileNotFoundError, "does not exist"),
     ({"height": 20}, ValueError, "multiples of 8"),
+    ({"aspect": "16:9", "height": 32}, ValueError, "aspect= or height=/width=, not both"),
+    ({"aspect": "sixteen"}, ValueError, "aspect must be 'W:H'"),
     ({"sampler": "plms"}, ValueError, "unknown sampler"),
     ({"steps": 0}, ValueError, "steps must be >= 1"),
     ({"prompt": "null"}, ValueError, "No prompt"),

@@ -105,6 +105,20 @@ def test_default_size_is_the_training_resolution(pipeline: LatentDiffusionPipeli
     assert pipeline.generate(PROMPTS[:1], [0], steps=1, height=16, width=48).images.shape[-2:] == (16, 48)
 
 
+@pytest.mark.parametrize(("aspect", "size"), [("1:1", (32, 32)), ("16:9", (24, 40)), ("9:16", (40, 24)),
+                                              ("3:2", (24, 40)), ("4:3", (24, 40)), ("5:4", (32, 32)), ("3:1", (16, 48))])
+def test_an_aspect_ratio_picks_the_nearest_size_of_the_training_area(pipeline: LatentDiffusionPipeline,
+                                                                    aspect: str, size: tuple[int, int]) -> None:
+    """32 px training, multiples of 8: the bucket of ~32^2 pixels whose ratio is nearest in log ratio (4:3 goes to
+    5:3, 5:4 to 1:1)."""
+    assert pipeline.aspect_size(aspect) == size
+    h, w = size
+    assert h * w <= 32 * 32 and h % pipeline.latent_factor == 0 and w % pipeline.latent_factor == 0
+    assert pipeline.generate(PROMPTS[:1], [0], steps=1, height=h, width=w).images.shape[-2:] == size
+    with pytest.raises(ValueError, match="aspect must be 'W:H'"):
+        pipeline.aspect_size("wide")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"height": 30}, r"multiples of 8 .*try 32x32"),
     ({"steps": 0}, "steps must be >= 1"),

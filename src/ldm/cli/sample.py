@@ -78,8 +78,14 @@ def run(cfg: DictConfig) -> list[Path]:
     strength = 1.0  # text-to-image; with an image: the given strength, else 0.75 (img2img) or 1.0 (inpainting)
     if image is not None:
         strength = cfg.strength if cfg.strength is not None else 1.0 if mask is not None else 0.75
-    height, width = (image.shape[-2:] if image is not None else
-                     (cfg.height or pipeline.default_size, cfg.width or pipeline.default_size))
+    if cfg.get("aspect") and image is None and (cfg.height or cfg.width):
+        raise ValueError("give aspect= or height=/width=, not both")
+    if image is not None:
+        height, width = image.shape[-2:]
+    elif cfg.get("aspect"):
+        height, width = pipeline.aspect_size(str(cfg.aspect))
+    else:
+        height, width = cfg.height or pipeline.default_size, cfg.width or pipeline.default_size
     pipeline.check_size(int(height), int(width))
 
     jobs = [(p, cfg.seed + j) for j, p in enumerate(p for p in prompts for _ in range(cfg.num_images))]

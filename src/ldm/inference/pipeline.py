@@ -7,6 +7,7 @@ they differ only in where denoising starts (strength) and what is held fixed (ma
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ldm.data.buckets import make_buckets, nearest_bucket
 from ldm.diffusion.diagnostics import STOCHASTIC_SAMPLERS, sampling_warning
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.inpainting import known_region_denoiser, latent_mask, sample_repaint
@@ -80,6 +82,20 @@ class LatentDiffusionPipeline(nn.Module):
                 f"{self.autoencoder.downsample_factor} x {type(self.backbone).__name__} size multiple "
                 f"{m // self.autoencoder.downsample_factor}); "
                 f"got {height}x{width}, try {near(height)}x{near(width)}.")
+
+    def aspect_size(self, aspect: str, area: int | None = None) -> tuple[int, int]:
+        """(height, width) for an aspect ratio "W:H" (e.g. "16:9") at about `area` pixels (default: the training
+        resolution squared): the nearest aspect-ratio bucket the model can take (ldm.data.buckets)."""
+        try:
+            w, h = (float(v) for v in aspect.split(":"))
+            ratio = w / h
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"aspect must be 'W:H' with positive numbers, e.g. 16:9, got {aspect!r}") from None
+        if not ratio > 0:
+            raise ValueError(f"aspect must be 'W:H' with positive numbers, e.g. 16:9, got {aspect!r}")
+        side = round(math.sqrt(area)) if area else self.default_size
+        buckets = make_buckets(max(side, self.latent_factor), self.latent_factor, 2 * max(ratio, 1 / ratio))
+        return nearest_bucket(round(ratio * 1000), 1000, buckets)
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
