@@ -2,6 +2,7 @@
 against the single-core bound of plain PIL decode + resize (no draft) of the same JPEGs in this process.
 
     python bench/data_throughput.py [--samples 384] [--rounds 3]
+    python bench/data_throughput.py --buckets     # aspect-ratio buckets vs square crops, same loader, 0 workers
 
 Ratio = loader images/s / (max(1, workers) x bound); the contenders alternate within each round and the
 median over rounds is reported. Other processes on the machine skew wall-clock ratios (2 workers need 2 idle
@@ -27,6 +28,7 @@ from PIL import Image
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
+from ldm.data.buckets import make_buckets
 from ldm.data.shards import Sample, write_shards
 from ldm.data.webdataset import ShardLoader
 
@@ -71,9 +73,10 @@ def pil_bound(jpegs: list[bytes]) -> tuple[float, float]:
     return len(jpegs) / (time.perf_counter() - start), len(jpegs) / (_cpu_seconds() - cpu)
 
 
-def loader_rate(shards: Path, num_workers: int) -> tuple[float, float]:
+def loader_rate(shards: Path, num_workers: int, buckets: list[tuple[int, int]] | None = None) -> tuple[float, float]:
     """(images/s, images per CPU-second of main + workers) over one full epoch, worker start-up included."""
-    loader = ShardLoader(shards, batch_size=32, resolution=RESOLUTION, num_workers=num_workers, seed=0)
+    loader = ShardLoader(shards, batch_size=32, resolution=RESOLUTION, num_workers=num_workers, seed=0,
+                         buckets=buckets)
     start, cpu, images = time.perf_counter(), _cpu_seconds(), 0
     for batch in loader:
         images += batch["image"].shape[0]
@@ -86,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=384)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--buckets", action="store_true", help="buckets vs square crops (0 workers, alternating)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the bound is single-core; keep the main process honest too
 
@@ -99,6 +103,8 @@ def main() -> None:
         print(f"{len(jpegs)} JPEGs, {min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, "
               f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean, target {RESOLUTION} px")
 
+        if args.buckets:
+            return compare_buckets(Path(tmp), args.rounds)
         results: dict[str, list[tuple[float, float]]] = {"bound": [], "w0": [], "w1": [], "w2": []}
         for _ in range(args.rounds):
             results["bound"].append(pil_bound(jpegs))
@@ -117,6 +123,20 @@ def main() -> None:
         reference = max(1, workers) * bound
         print(f"{workers:>8} {rate:9.1f} {reference:9.1f} {rate / reference:7.2f} {cpu_rate:10.1f} "
               f"{cpu_rate / bound_cpu:8.2f}")
+
+
+def compare_buckets(shards: Path, rounds: int) -> None:
+    """Images/s with make_buckets(256, 64) against square crops, alternating within each round, in this process.
+    Buckets take the whole epoch's full batches only (a worker's partial bucket batches are left out), so the rate
+    counts delivered images per second."""
+    buckets = make_buckets(RESOLUTION, 64)
+    rates: dict[str, list[float]] = {"square": [], "buckets": []}
+    for _ in range(rounds):
+        rates["square"].append(loader_rate(shards, 0)[0])
+        rates["buckets"].append(loader_rate(shards, 0, buckets)[0])
+    square, bucketed = statistics.median(rates["square"]), statistics.median(rates["buckets"])
+    print(f"\nsquare crops {square:.1f} img/s, buckets {buckets} {bucketed:.1f} img/s: ratio {bucketed / square:.2f} "
+          f"(median of {rounds}, 0 workers)")
 
 
 if __name__ == "__main__":

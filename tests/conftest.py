@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -14,6 +15,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+# The shard header-scan cache of this test session (and of the train.py processes it starts), not the user's.
+os.environ.setdefault("LDM_SCAN_CACHE", tempfile.mkdtemp(prefix="ldm_scan_cache_"))
 
 
 @pytest.fixture

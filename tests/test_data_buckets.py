@@ -145,7 +145,7 @@ def test_buckets_keep_more_of_each_photograph(keep_ratio_shards: Path) -> None:
     square = [min(s.image.size) ** 2 / (s.image.width * s.image.height) for s in samples]
     bucketed = [kept_fraction(s.image.width, s.image.height, nearest_bucket(*s.image.size, BUCKETS)) for s in samples]
     assert all(b >= q - 1e-12 for b, q in zip(bucketed, square))
-    assert np.mean(bucketed) > np.mean(square) + 0.1  # measured: 0.90 vs 0.71 on these crops
+    assert np.mean(bucketed) > np.mean(square) + 0.15  # measured: 0.85 vs 0.64 on these crops
 
 
 # ------------------------------------------------------------------------------------------------ stage 2

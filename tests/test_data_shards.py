@@ -113,3 +113,24 @@ def test_counts_from_stats_scan_and_remote(tmp_path):
     with pytest.raises(ValueError, match="samples_per_shard"):
         shard_sample_counts(["https://example.com/0.tar"])
     assert shard_sample_counts(["https://example.com/0.tar"], samples_per_shard=9) == [9]
+
+
+def test_scan_cache_remembers_header_scans_until_a_tar_changes(tmp_path, monkeypatch):
+    from ldm.data import shards as shards_module
+    from ldm.data.shards import ScanCache
+
+    summary = write_shards(_samples(6), tmp_path / "data", shard_size=2)
+    for p in summary.shards:
+        stats_path(p).unlink()  # no stats: counts come from the headers
+    scans = []
+    real_scan = shards_module.scan_tar
+    monkeypatch.setattr(shards_module, "scan_tar", lambda url: scans.append(url) or real_scan(url))
+    urls = [str(p) for p in summary.shards]
+    assert shard_sample_counts(urls, cache=ScanCache(tmp_path / "cache")) == [2, 2, 2] and len(scans) == 3
+    assert shard_sample_counts(urls, cache=ScanCache(tmp_path / "cache")) == [2, 2, 2] and len(scans) == 3  # cached
+    write_shards(_samples(1), tmp_path / "data", shard_size=1)  # 00000.tar rewritten: another size and mtime
+    stats_path(summary.shards[0]).unlink()
+    assert shard_sample_counts(urls, cache=ScanCache(tmp_path / "cache"))[0] == 1 and len(scans) == 4
+    assert shard_sample_counts(urls, cache=ScanCache("off")) == [1, 2, 2] and len(scans) == 7  # off: always scans
+    (tmp_path / "ro").write_text("a file where the cache folder should be")
+    assert shard_sample_counts(urls, cache=ScanCache(tmp_path / "ro")) == [1, 2, 2]  # unwritable: still counts

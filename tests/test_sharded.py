@@ -38,7 +38,7 @@ def torchrun(run_dir: Path, parts: dict[str, Path], trainer: str, steps: int, *e
         "callbacks.sample_images.every_n_steps=4", "callbacks.sample_images.images_per_prompt=1",
         "callbacks.sample_images.sampling.steps=2", f"callbacks.evaluate.shards={parts['shapes']}/val",
         "callbacks.evaluate.every_n_steps=4", "callbacks.evaluate.metrics=[fid,kid,clip_score]",
-        *(f"callbacks.evaluate.{k}={v}" for k, v in EVAL.items()),
+        *(f"callbacks.evaluate.{'sampling.' * (k == 'steps')}{k}={v}" for k, v in EVAL.items()),
         "~callbacks.evaluate.features", "+callbacks.evaluate.features={_target_:ldm.evaluation.features.RandomFeatures}",
         "callbacks.evaluate.clip_score.model_name=ldm-tiny-text", "callbacks.evaluate.clip_score.pretrained=null",
         *extra]

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -238,8 +240,61 @@ def scan_tar_keys(path: str | os.PathLike) -> int:
     return scan_tar(path).samples
 
 
-def count_shard_samples(url: str) -> int | None:
-    """Samples in a shard: `successes` from its `_stats.json`, else a header scan; None for remote shards."""
+SCAN_CACHE_ENV = "LDM_SCAN_CACHE"  # folder of the header-scan cache; "off" disables it
+
+
+class ScanCache:
+    """Header-scan counts of local tars without stats, keyed by (path, size, mtime): a second start-up on a large
+    dataset reads one json instead of every tar's headers. One file per shard folder under `root` (default
+    ~/.cache/ldm/shard_scans, or $LDM_SCAN_CACHE), written atomically (ranks may write it at once)."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        root = root or os.environ.get(SCAN_CACHE_ENV) or Path.home() / ".cache" / "ldm" / "shard_scans"
+        self.root = None if str(root) == "off" else Path(root)
+        self._files: dict[Path, dict[str, list[int]]] = {}
+        self._dirty: set[Path] = set()
+
+    def _file(self, url: str) -> Path | None:
+        if self.root is None:
+            return None
+        folder = str(Path(url).resolve().parent)
+        return self.root / f"{hashlib.sha1(folder.encode()).hexdigest()[:16]}.json"
+
+    def _entries(self, file: Path) -> dict[str, list[int]]:
+        if file not in self._files:
+            try:
+                self._files[file] = json.loads(file.read_text())
+            except (OSError, ValueError):
+                self._files[file] = {}
+        return self._files[file]
+
+    def count(self, url: str) -> int:
+        """The tar's usable samples, from the cache when the file is unchanged, else scanned (and remembered)."""
+        file = self._file(url)
+        if file is None:
+            return scan_tar(url).samples
+        stat = os.stat(url)
+        key, entries = os.path.basename(url), self._entries(file)
+        cached = entries.get(key)
+        if cached is not None and cached[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return cached[2]
+        entries[key] = [stat.st_size, stat.st_mtime_ns, scan_tar(url).samples]
+        self._dirty.add(file)
+        return entries[key][2]
+
+    def save(self) -> None:
+        for file in self._dirty:
+            with contextlib.suppress(OSError):  # a read-only home: scan again next time
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(self._files[file]))
+                tmp.replace(file)
+        self._dirty.clear()
+
+
+def count_shard_samples(url: str, cache: ScanCache | None = None) -> int | None:
+    """Samples in a shard: `successes` from its `_stats.json`, else a header scan (through `cache`); None for remote
+    shards."""
     if is_remote(url):
         return None
     stats = stats_path(url)
@@ -248,14 +303,18 @@ def count_shard_samples(url: str) -> int | None:
             return int(json.loads(stats.read_text())["successes"])
         except (ValueError, KeyError, TypeError):
             pass  # malformed stats: fall back to the tar itself
-    return scan_tar(url).samples
+    return cache.count(url) if cache is not None else scan_tar(url).samples
 
 
-def shard_sample_counts(urls: Sequence[str], samples_per_shard: int | None = None) -> list[int]:
-    """Per-shard sample counts for epoch-mode bookkeeping; `samples_per_shard` overrides them all."""
+def shard_sample_counts(urls: Sequence[str], samples_per_shard: int | None = None,
+                        cache: ScanCache | None = None) -> list[int]:
+    """Per-shard sample counts for epoch-mode bookkeeping; `samples_per_shard` overrides them all. Tars without
+    stats are scanned through `cache` (default: the user's ScanCache)."""
     if samples_per_shard is not None:
         return [samples_per_shard] * len(urls)
-    counts = [count_shard_samples(url) for url in urls]
+    cache = cache or ScanCache()
+    counts = [count_shard_samples(url, cache) for url in urls]
+    cache.save()
     unknown = [url for url, n in zip(urls, counts) if n is None]
     if unknown:
         raise ValueError(
