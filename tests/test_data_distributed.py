@@ -64,10 +64,11 @@ def test_assign_shards_is_a_partition(world_size, num_workers):
 
 
 def test_epoch_mode_two_ranks_two_workers(shard_dir):
+    """Whole shards per reader (split="shard"): ranks run the minimum of their full batches; the rest is left out."""
     for epoch in (0, 1):
         per_rank_keys, lengths = [], []
         for rank in (0, 1):
-            loader = _loader(shard_dir, rank)
+            loader = _loader(shard_dir, rank, split="shard")
             loader.set_epoch(epoch)
             batches = list(loader)
             assert all(len(b["key"]) == BATCH for b in batches)
@@ -97,11 +98,33 @@ def test_epochs_permute_shards(shard_dir):
 
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir):
+    """Whole shards cannot feed more readers than there are shards; samples can (the default with few shards)."""
     few = [str(p) for p in sorted(shard_dir.glob("*.tar"))[:3]]
     with pytest.raises(ValueError, match=r"3 shard\(s\) cannot be split over 2 rank\(s\) x 2 worker\(s\)"):
-        _loader(few, 0)
+        _loader(few, 0, split="shard")
     with pytest.raises(ValueError, match="rank"):
         _loader(few, 2)
+    ranks = [list(_loader(few, rank)) for rank in (0, 1)]  # 24 samples over 4 readers: 2 batches of 3 each
+    keys = [k for batches in ranks for b in batches for k in b["key"]]
+    assert [len(b) for b in ranks] == [4, 4] and len(keys) == len(set(keys)) == 24
+
+
+def test_sample_split_leaves_out_less_than_shard_split_with_few_shards(shard_dir):
+    """What an epoch delivers with several ranks (README): every rank runs the same number of full batches, no sample
+    twice; with whole shards (2.5 per reader here) the ranks' totals differ by up to a shard and the larger rank's
+    surplus is left out; dealing samples (index i to reader i mod readers) leaves at most a partial batch per
+    reader. Either way the left-out samples are counted on each rank's last batch."""
+    left_out = {}
+    for split in ("shard", "sample"):
+        keys, counted = [], 0
+        for rank in (0, 1):
+            batches = list(_loader(shard_dir, rank, split=split))
+            keys += [k for b in batches for k in b["key"]]
+            counted += sum(b["skips"]["left_out"] + b["skips"]["unbatched"] for b in batches)
+        assert len(keys) == len(set(keys)) and set(keys) <= _all_keys()
+        left_out[split] = len(_all_keys()) - len(keys)
+        assert counted == left_out[split]  # delivered + counted = the samples the shards hold
+    assert left_out["sample"] <= 4 * (BATCH - 1) and left_out["sample"] < left_out["shard"]
 
 
 def test_resampled_mode_fixed_length_and_distinct_streams(shard_dir):

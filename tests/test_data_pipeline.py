@@ -136,7 +136,7 @@ def test_one_rank_ends_its_epoch_early_rather_than_repeat(tmp_path):
     """batches_per_rank says 4 (2 per worker at batch_size 4); the first worker fills 1 (its 5th good sample is its
     dropped partial batch): one rank stops after 3 batches, each good sample at most once, no padding."""
     _short_shards(tmp_path)
-    loader = ShardLoader(tmp_path, batch_size=4, resolution=RES, num_workers=2, shuffle=False)
+    loader = ShardLoader(tmp_path, batch_size=4, resolution=RES, num_workers=2, shuffle=False, split="shard")
     assert len(loader) == 4
     for _ in range(2):  # and again next epoch
         batches = list(loader)
@@ -153,7 +153,7 @@ def test_a_short_rank_of_several_pads_by_restarting_its_stream(tmp_path):
     other, counted as one padded batch."""
     _short_shards(tmp_path)
     ranks = [ShardLoader(tmp_path, batch_size=4, resolution=RES, num_workers=1, shuffle=False, rank=r,
-                         world_size=2) for r in (0, 1)]
+                         world_size=2, split="shard") for r in (0, 1)]
     assert [len(r) for r in ranks] == [2, 2]
     short, full = (list(r) for r in ranks)
     assert len(short) == len(full) == 2 and all(len(b["key"]) == 4 for b in short + full)

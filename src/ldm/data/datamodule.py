@@ -35,6 +35,9 @@ class WebDataModule(L.LightningDataModule):
         buckets: aspect-ratio buckets for training (validation stays square at `resolution`): True makes them
             (ldm.data.buckets.make_buckets(resolution, bucket_multiple, bucket_max_ratio)), a list gives (h, w)
             sizes, each side a multiple of `bucket_multiple` (the autoencoder's factor x the backbone's multiple).
+        split: how epoch mode deals data to the readers (ranks x workers): "shard" whole shards, "sample" every
+            shard's samples in turn (each reader reads every shard, decodes its own), "auto" samples below 4 shards
+            per reader, where whole shards would leave the readers unequal (ShardLoader).
         overfit_batches: debugging (`debug=overfit`): every epoch is the first N batches of epoch 0, held in
             memory. Lightning's own `overfit_batches` cannot do this for a streaming loader, which reshuffles.
     """
@@ -47,7 +50,7 @@ class WebDataModule(L.LightningDataModule):
                  samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
                  seed: int = 0, latents: bool = False, overfit_batches: int = 0,
                  buckets: bool | Sequence[Sequence[int]] = False, bucket_multiple: int = 64,
-                 bucket_max_ratio: float = 2.0):
+                 bucket_max_ratio: float = 2.0, split: Literal["auto", "shard", "sample"] = "auto"):
         super().__init__()
         self.save_hyperparameters(logger=False)  # in the checkpoint; loggers get them as data.* of the config
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -62,6 +65,7 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError(f"overfit_batches must be >= 0 (0: off), got {overfit_batches}")
         self.overfit_batches = overfit_batches
         self.buckets = resolve_buckets(buckets, resolution, bucket_multiple, bucket_max_ratio)
+        self.split = split
         self._overfit: list[dict[str, Any]] | None = None
         self.train_loader: ShardLoader | None = None
         self._resume_position: tuple[int, int] | None = None
@@ -99,7 +103,7 @@ class WebDataModule(L.LightningDataModule):
                 self.train_shards, batch_size=self.batch_size, mode=self.mode, num_workers=self.num_workers,
                 batches_per_epoch=self.batches_per_epoch, shuffle=True, shuffle_buffer=self.shuffle_buffer,
                 crop=self.crop, flip=self.flip, buckets=None if self.latents else self.buckets,
-                num_buckets=self._cache_buckets(), **common)
+                num_buckets=self._cache_buckets(), split=self.split, **common)
         if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_loader is None:
             self.val_loader = self._make_val_loader(common, world_size)
 

@@ -52,6 +52,7 @@ SAMPLE_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "
 LATENT_EXTENSION = "latent.npy"  # cached posterior of one image: (2, c, h, w) = (mean, std), see data/latent_cache
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
+SAMPLE_SPLIT_BELOW = 4  # split="auto": samples, not whole shards, are dealt to readers below this many shards each
 _MAX_CONSECUTIVE_SKIPS = 10_000  # resampled mode: give up instead of spinning on unusable data
 Batch = dict[str, Any]
 
@@ -91,19 +92,24 @@ def worker_batches(n: int, batch_size: int, buckets: int = 1, drop_last: bool = 
 
 
 def worker_samples(counts: Sequence[int], *, rank: int, world_size: int, num_workers: int, epoch: int, seed: int,
-                   shuffle: bool) -> list[int]:
-    """The samples each of a rank's workers reads in `epoch`, from `counts` samples per shard."""
+                   shuffle: bool, split: Literal["shard", "sample"] = "shard") -> list[int]:
+    """The samples each of a rank's workers reads in `epoch`, from `counts` samples per shard: the sum over its
+    shards, or with split="sample" its share of all samples (slot s of S takes indices s, s + S, ...)."""
     workers, order = max(1, num_workers), _shard_order(len(counts), epoch, seed, shuffle)
-    slots = (_slots(rank, world_size, worker, workers) for worker in range(workers))
+    slots = [_slots(rank, world_size, worker, workers) for worker in range(workers)]
+    if split == "sample":
+        total = sum(counts)
+        return [total // num_slots + (slot < total % num_slots) for slot, num_slots in slots]
     return [sum(counts[i] for i in order[slot::num_slots]) for slot, num_slots in slots]
 
 
 def rank_batches(counts: Sequence[int], *, world_size: int, num_workers: int, batch_size: int, epoch: int,
-                 seed: int, shuffle: bool, drop_last: bool = True, buckets: int = 1) -> list[int]:
+                 seed: int, shuffle: bool, drop_last: bool = True, buckets: int = 1,
+                 split: Literal["shard", "sample"] = "shard") -> list[int]:
     """Batches each rank's workers produce from `counts` samples per shard (partial batches per worker)."""
     return [sum(worker_batches(n, batch_size, buckets, drop_last)
                 for n in worker_samples(counts, rank=rank, world_size=world_size, num_workers=num_workers,
-                                        epoch=epoch, seed=seed, shuffle=shuffle))
+                                        epoch=epoch, seed=seed, shuffle=shuffle, split=split))
             for rank in range(world_size)]
 
 
@@ -186,6 +192,21 @@ def read_shard(url: str) -> Iterator[dict[str, Any] | str]:
             stream.close()
 
 
+def _own(raws: Iterator[dict[str, Any] | str], slot: int, num_slots: int) -> Iterator[dict[str, Any] | str]:
+    """Sample-level split: every reader reads every shard in the same order and keeps the samples whose running
+    index is its slot modulo the slots, so the readers' samples are disjoint and within one of each other in number.
+    Shard-level causes (bad_shard, empty_shard) are counted by slot 0 alone."""
+    index = 0
+    for raw in raws:
+        if isinstance(raw, str):
+            if slot == 0:
+                yield raw
+            continue
+        if index % num_slots == slot:
+            yield raw
+        index += 1
+
+
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     buffer: list[Any] = []
     for item in items:
@@ -252,8 +273,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: list[str], *, batch_size: int, transform: ImageTransform,
                  mode: Literal["epoch", "resampled"], rank: int, world_size: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, drop_last: bool, min_side: int, max_pixels: int,
-                 metadata_filters: dict[str, float] | None):
+                 metadata_filters: dict[str, float] | None, split: Literal["shard", "sample"] = "shard"):
         super().__init__()
+        self.split = split
         self.urls, self.batch_size, self.transform, self.mode = urls, batch_size, transform, mode
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
@@ -274,6 +296,9 @@ class ShardDataset(IterableDataset):
 
 
     def _shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        if self.mode == "epoch" and self.split == "sample":  # every shard, this slot's samples of each (_own)
+            yield from (self.urls[i] for i in _shard_order(len(self.urls), self.epoch, self.seed, self.shuffle))
+            return
         if self.mode == "epoch":
             yield from assign_shards(self.urls, self.rank, self.world_size, worker, num_workers,
                                      self.epoch, self.seed, self.shuffle)
@@ -336,6 +361,8 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         rng = random.Random(derive_seed(self.seed, self.rank, worker, self.epoch, stream=2))
         raws = (raw for url in self._shards(worker, num_workers) for raw in read_shard(url))
+        if self.mode == "epoch" and self.split == "sample":
+            raws = _own(raws, *_slots(self.rank, self.world_size, worker, num_workers))
         if self.shuffle and self.shuffle_buffer > 1:
             raws = _shuffled(raws, self.shuffle_buffer, rng)
         yield from self._batches(self._decoded(raws, rng))
@@ -376,6 +403,10 @@ class ShardLoader:
             the nearest and cropped by the least, and each batch holds one bucket. The epoch length then counts on
             the worst spread over buckets (see worker_batches); samples left in unfilled buckets are "unbatched".
         num_buckets: how many sizes a latent cache holds (its card says), for the epoch length.
+        split: epoch mode: "shard" deals whole shards to the readers (ranks x workers), "sample" deals every shard's
+            samples in turn (reader r of R keeps sample indices r, r + R, ...: each reader reads every shard and
+            decodes only its own, so readers get equal shares from any number of shards), "auto" samples below
+            SAMPLE_SPLIT_BELOW shards per reader, where whole shards would leave them unequal.
     """
 
     def __init__(self, shards: str | Sequence[str], *, batch_size: int, resolution: int,
@@ -385,7 +416,8 @@ class ShardLoader:
                  flip: bool = True, min_side: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
                  metadata_filters: dict[str, float] | None = None, samples_per_shard: int | None = None,
                  seed: int = 0, pin_memory: bool = False, latents: bool = False,
-                 buckets: Sequence[tuple[int, int]] | None = None, num_buckets: int | None = None):
+                 buckets: Sequence[tuple[int, int]] | None = None, num_buckets: int | None = None,
+                 split: Literal["auto", "shard", "sample"] = "auto"):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
@@ -396,7 +428,13 @@ class ShardLoader:
         if not drop_last and (world_size > 1 or mode == "resampled"):
             raise ValueError("drop_last=False is only for mode='epoch' on a single rank: ranks must run "
                              "equal-length epochs")
+        if split not in ("auto", "shard", "sample"):
+            raise ValueError(f"split must be 'auto', 'shard' or 'sample', got {split!r}")
         self.urls = expand_urls(shards)
+        slots = world_size * max(1, num_workers)
+        if split == "auto":  # few shards per reader: whole shards would leave the readers unequal
+            split = "sample" if mode == "epoch" and len(self.urls) < SAMPLE_SPLIT_BELOW * slots else "shard"
+        self.split = split
         self.mode, self.rank, self.world_size, self.num_workers = mode, rank, world_size, num_workers
         self.batch_size, self.batches_per_epoch, self.drop_last = batch_size, batches_per_epoch, drop_last
         self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
@@ -405,7 +443,8 @@ class ShardLoader:
         self.shard_dataset = (LatentShardDataset if latents else ShardDataset)(
             self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip, buckets), mode=mode,
             rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-            drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters)
+            drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters,
+            split=split)
         self.counts: list[int] | None = None
         self._skip: tuple[int, int] | None = None  # (epoch, batches) already trained on before a restart
         if mode == "epoch":
@@ -415,11 +454,11 @@ class ShardLoader:
 
     def _check_epoch_mode(self, samples_per_shard: int | None) -> None:
         slots = self.world_size * max(1, self.num_workers)
-        if len(self.urls) < slots:
+        if len(self.urls) < slots and self.split == "shard":
             raise ValueError(
                 f"{len(self.urls)} shard(s) cannot be split over {self.world_size} rank(s) x "
-                f"{max(1, self.num_workers)} worker(s) = {slots} slots in mode='epoch': write more, smaller "
-                "shards, use fewer workers, or use mode='resampled'")
+                f"{max(1, self.num_workers)} worker(s) = {slots} slots with split='shard': use split='sample' "
+                "(or 'auto'), write more, smaller shards, or use mode='resampled'")
         self.counts = shard_sample_counts(self.urls, samples_per_shard)
         check_some_samples(self.urls, self.counts)
         if len(self) == 0:
@@ -451,7 +490,7 @@ class ShardLoader:
         return rank_batches(self.counts, world_size=self.world_size, num_workers=self.num_workers,
                             batch_size=self.batch_size, epoch=self.epoch if epoch is None else epoch,
                             seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last,
-                            buckets=self.num_buckets)
+                            buckets=self.num_buckets, split=self.split)
 
     def __len__(self) -> int:
         if self.mode == "resampled":
@@ -479,7 +518,8 @@ class ShardLoader:
         if self.counts is None:
             return None
         return sum(worker_samples(self.counts, rank=self.rank, world_size=self.world_size,
-                                  num_workers=self.num_workers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle))
+                                  num_workers=self.num_workers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
+                                  split=self.split))
 
     def __iter__(self) -> Iterator[Batch]:
         n, done, padding = len(self), 0, False
