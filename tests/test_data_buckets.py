@@ -231,3 +231,20 @@ def test_ddp_ranks_share_a_bucketed_epoch(bucketed_cache: Path, latent_parts: di
     assert len(keys[0]) == len(keys[1]) == 8
     epoch = [k for rank in keys for batch in rank for k in batch]  # 96 samples a rank: 10 batches an epoch
     assert len(epoch) == len(set(epoch))
+
+
+@pytest.mark.slow
+def test_both_stages_train_on_bucketed_image_shards(keep_ratio_shards: Path, latent_parts: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """Stage 1 and stage 2 (encoding on the fly) straight from keep-ratio image shards with buckets on."""
+    common = ["data=webdataset", f"data.train_shards={keep_ratio_shards}/train", f"data.val_shards={keep_ratio_shards}/val",
+              "data.buckets=true", "data.bucket_multiple=8", "data.resolution=32", "data.batch_size=8",
+              "data.num_workers=0", "data.min_side=8", "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "trainer.limit_val_batches=1", "logger=csv", "num_threads=1", f"paths.log_dir={tmp_path}"]
+    run_train("experiment=autoencoder_tiny", f"hydra.run.dir={tmp_path / 'ae'}", "callbacks.latent_stats.num_batches=2",
+              "model.loss.disc_start=2", *common)
+    run_train("experiment=ldm_tiny", f"model.autoencoder.path={latent_parts['export']}",
+              f"hydra.run.dir={tmp_path / 'ldm'}", "~callbacks.sample_images", *common)
+    for stage in ("ae", "ldm"):
+        ckpt = torch.load(tmp_path / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 4
