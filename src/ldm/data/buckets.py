@@ -69,12 +69,18 @@ def cover_box(width: int, height: int, bucket: Size, crop: Literal["center", "ra
     if crop == "random":
         if rng is None:
             raise ValueError("crop='random' needs a seeded random.Random")
-        left, top = rng.uniform(0, width - cw), rng.uniform(0, height - ch)
+        left, top = _offset(rng, width - cw), _offset(rng, height - ch)
     elif crop == "center":
+        # Fractional offsets keep the crop centred exactly, also on a draft-decoded (1/8 scale) image.
         left, top = (width - cw) / 2, (height - ch) / 2
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     return left, top, left + cw, top + ch
+
+
+def _offset(rng: random.Random, slack: float) -> float:
+    """A random crop offset in [0, slack]: whole pixels when the slack is whole (a square crop), else any."""
+    return rng.randint(0, int(slack)) if float(slack).is_integer() else rng.uniform(0, slack)
 
 
 def kept_fraction(width: int, height: int, bucket: Size) -> float:

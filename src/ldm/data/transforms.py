@@ -108,18 +108,8 @@ def decode_image(data: bytes, *, draft_size: int | Callable[[tuple[int, int]], t
 def square_box(size: tuple[int, int], crop: Literal["center", "random"],
                rng: random.Random | None = None) -> tuple[float, float, float, float]:
     """The largest square inside an image of `size`, centred or at a random offset drawn from `rng`."""
-    w, h = size
-    s = min(w, h)
-    if crop == "random":
-        if rng is None:
-            raise ValueError("crop='random' needs a seeded random.Random")
-        left, top = rng.randint(0, w - s), rng.randint(0, h - s)
-    elif crop == "center":
-        # Fractional offsets keep the crop centred exactly, also on a draft-decoded (1/8 scale) image.
-        left, top = (w - s) / 2, (h - s) / 2
-    else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    return left, top, left + s, top + s
+    side = min(size)
+    return cover_box(*size, (side, side), crop, rng)
 
 
 def to_uint8(img: Image.Image) -> Tensor:
