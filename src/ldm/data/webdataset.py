@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing as mp
 import random
 import tarfile
 from collections import Counter
@@ -505,8 +506,16 @@ class ShardLoader:
         # Its own generator: creating a DataLoader iterator draws a base seed, which from the global RNG would make
         # a resumed run (which creates one mid-epoch) diverge from an uninterrupted one. Workers reseed anyway.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, 0, self.epoch, stream=3))
+        # Workers come from a forkserver, not a fork of this process: a fork taken while DDP's gloo threads or the
+        # previous epoch's queue threads hold a lock deadlocked a worker before it ran (seen once in ten 2-rank runs;
+        # the other rank then waits in all-reduce forever). The server is forked once from a clean process.
+        context = None
+        if self.num_workers and "forkserver" in mp.get_all_start_methods():
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # the server imports torch and this module once, at start
         return DataLoader(self.shard_dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=init,
-                          prefetch_factor=2 if self.num_workers else None, generator=generator)
+                          prefetch_factor=2 if self.num_workers else None, generator=generator,
+                          multiprocessing_context=context)
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         x = to_unit_range(x)  # (B, 3, H, W) float in [-1, 1]
