@@ -162,6 +162,7 @@ def bucketed_cache(keep_ratio_shards: Path, latent_parts: dict[str, Path], tmp_p
     return out
 
 
+@pytest.mark.slow  # a tiny stage-1 run for its autoencoder
 def test_a_bucketed_latent_cache_keeps_each_bucket(bucketed_cache: Path) -> None:
     from ldm.data.latent_cache import read_card
 

@@ -49,6 +49,7 @@ def test_each_kind_is_diagnosed(tmp_path: Path, kind: str) -> None:
     assert scan_tar(tmp_path / "x.tar").samples == 0
 
 
+@pytest.mark.slow  # a train.py process
 def test_train_py_stops_at_start_up_on_empty_shards_in_resampled_mode(tmp_path: Path) -> None:
     """It used to spin forever with no message."""
     for i in range(2):

@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from ldm.conf import CONF_DIR
 from ldm.inference.loading import export_pipeline
 
+pytestmark = pytest.mark.slow  # the session's tiny stage-1 + stage-2 runs
+
 
 def stage2_model(stage2_runs: dict[str, Path], *overrides: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
