@@ -152,6 +152,20 @@ def test_export_script_writes_a_loadable_folder(runs: dict[str, Path], tmp_path:
     assert load_pipeline(tmp_path / "export").weights == "raw"
 
 
+def test_a_checkpoint_alone_samples_like_its_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The checkpoint carries its resolved model config: copied away from its run folder (no config_resolved.yaml
+    beside it) it loads and samples the same image; the autoencoder is found at its recorded path."""
+    import shutil
+
+    alone = tmp_path / "elsewhere" / "model.ckpt"
+    alone.parent.mkdir()
+    shutil.copy(runs["ckpt"], alone)
+    assert torch.load(alone, map_location="cpu", weights_only=False)["ldm"]["config"]["model"]["backbone"]
+    a, b = load_pipeline(runs["ckpt"]), load_pipeline(alone)
+    assert a.weights == b.weights and b.default_size == a.default_size
+    assert torch.equal(a.generate([PROMPT], [3], steps=3).images, b.generate([PROMPT], [3], steps=3).images)
+
+
 def test_ema_and_raw_weights_differ(runs: dict[str, Path]) -> None:
     ema, raw = load_pipeline(runs["ckpt"], ema=True), load_pipeline(runs["ckpt"], ema=False)
     assert ema.weights.startswith("ema") and raw.weights == "raw"

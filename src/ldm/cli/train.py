@@ -68,6 +68,9 @@ def build(cfg: DictConfig) -> Built:
         ensure_wandb_mode()
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
+    if hasattr(model, "run_config"):  # stage 2 writes it into every checkpoint: sampling needs nothing beside it
+        model.run_config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                            "data": {"resolution": OmegaConf.select(cfg, "data.resolution")}}
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

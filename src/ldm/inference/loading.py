@@ -129,8 +129,15 @@ def _load_lightning(path: Path, config: Path | None, ema: bool | None
     if meta.get("stage") != "diffusion":
         raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm "
                          f"(ckpt['ldm']['stage'] = {meta.get('stage')!r}); sample.py needs one from experiment=ldm_*.")
-    run_config = config or find_run_config(path)
-    cfg = OmegaConf.load(run_config)
+    run_config: Path | None = config
+    if run_config is None:
+        try:
+            run_config = find_run_config(path)
+        except FileNotFoundError:
+            if "config" not in meta:  # a checkpoint from before checkpoints carried their config
+                raise
+    # The run's file when there is one (a hand-edited config stays possible), else the checkpoint's own copy.
+    cfg = OmegaConf.load(run_config) if run_config is not None else OmegaConf.create(meta["config"])
     state = ckpt["state_dict"]
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     text = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")} or None

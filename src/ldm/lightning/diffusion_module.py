@@ -141,6 +141,9 @@ class DiffusionModule(L.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.val_logsnr_bins = tuple(float(b) for b in val_logsnr_bins)
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        # The resolved model config and resolution, set by `ldm.cli.train.build` and written into each checkpoint, so
+        # that sample.py, evaluate.py and the exports need no config_resolved.yaml beside it.
+        self.run_config: dict[str, Any] | None = None
         if channels_last:  # convolutions run NHWC; SDPA and linears are unaffected
             self.backbone.to(memory_format=torch.channels_last)
         # in place: parameter names (and so checkpoints) stay those of the plain backbone
@@ -281,6 +284,8 @@ class DiffusionModule(L.LightningModule):
                              "latent_scale": float(self.autoencoder.latent_scale),
                              "autoencoder_sha256": self.autoencoder_sha256,
                              "nonfinite": self.guard.state_dict()}
+        if self.run_config is not None:
+            checkpoint["ldm"]["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = upgrade_stage2_checkpoint(checkpoint).get("ldm", {})
