@@ -52,23 +52,30 @@ def profile_inner(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b
     return np.exp(log)
 
 
+def _normal_equations(steps: Sequence[float], gammas: Sequence[float], target_step: float,
+                      target_gamma: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The Gram matrix <p_i, p_j>, the right side <p_i, p_target> and <p_target, p_target>, in times / target_step
+    (the least squares are scale-free)."""
+    t, g = np.asarray(steps, np.float64) / target_step, np.asarray(gammas, np.float64)
+    a = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = profile_inner(t, g, np.ones_like(t), np.full_like(g, target_gamma))
+    one, gt = np.ones(1), np.full(1, target_gamma)
+    return a, b, float(profile_inner(one, gt, one, gt)[0])
+
+
 def posthoc_coefficients(steps: Sequence[float], gammas: Sequence[float], target_step: float,
                          target_gamma: float) -> np.ndarray:
     """x minimizing || sum_i x_i p_i - p_target ||_2 over [0, target_step] (EDM2 App. C.2): the weights of the
     snapshots (step_i, gamma_i) whose combination best matches the target profile."""
-    t, g = np.asarray(steps, np.float64) / target_step, np.asarray(gammas, np.float64)  # scale-free: times / target
-    a = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_inner(t, g, np.ones_like(t), np.full_like(g, target_gamma))
+    a, b, _ = _normal_equations(steps, gammas, target_step, target_gamma)
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def profile_error(steps: Sequence[float], gammas: Sequence[float], coefficients: np.ndarray, target_step: float,
                   target_gamma: float) -> float:
     """|| sum_i x_i p_i - p_target || / || p_target ||: how well the snapshots express the target profile."""
-    t, g, x = np.asarray(steps, np.float64) / target_step, np.asarray(gammas, np.float64), coefficients
-    a = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_inner(t, g, np.ones_like(t), np.full_like(g, target_gamma))
-    norm = profile_inner(np.ones(1), np.full(1, target_gamma), np.ones(1), np.full(1, target_gamma))[0]
+    a, b, norm = _normal_equations(steps, gammas, target_step, target_gamma)
+    x = coefficients
     return float(math.sqrt(max(x @ a @ x - 2 * x @ b + norm, 0.0) / norm))
 
 
@@ -153,6 +160,7 @@ def reconstruct(folder: str | Path, sigma_rel: float, step: int | None = None,
     steps, gammas = [snap.step for snap, _ in terms], [snap.gammas[i] for snap, i in terms]
     x = posthoc_coefficients(steps, gammas, step, gamma)
     total: dict[str, Tensor] = {}
+    state: dict[str, Tensor] = {}
     for snap in used:  # one file at a time: memory of two state dicts, not of every snapshot
         state = load_file(str(snap.path))
         for (s, i), coefficient in zip(terms, x):
@@ -163,9 +171,8 @@ def reconstruct(folder: str | Path, sigma_rel: float, step: int | None = None,
                 if int(profile) != i or name in snap.buffers or not value.is_floating_point():
                     continue
                 total[name] = total.get(name, 0) + coefficient * value.double()
-    last = load_file(str(used[-1].path))
     result = {}
-    for key, value in last.items():  # every entry, in the latest snapshot's dtype; buffers as they were last
+    for key, value in state.items():  # the latest snapshot's entries, in its dtype; buffers as they were last
         profile, name = key.split("/", 1)
         if int(profile) == 0:
             result[name] = total[name].to(value.dtype) if name in total else value

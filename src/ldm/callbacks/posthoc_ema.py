@@ -94,7 +94,7 @@ class PostHocEMA(L.Callback):
 
     def _snapshot(self, trainer: L.Trainer) -> None:
         self._last_snapshot = self.step
-        full = [{k: full_tensor(v).cpu() for k, v in average.items()} for average in self.averages]  # all ranks
+        full = [{k: full_tensor(v) for k, v in average.items()} for average in self.averages]  # a collective: all ranks
         if trainer.is_global_zero:
             buffers = sorted(set(self._live) - self._params)
             save_snapshot(self.folder(trainer) / snapshot_name(self.step), self.step, full, self.sigma_rels, buffers)
