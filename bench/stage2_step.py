@@ -26,6 +26,7 @@ batch 2 and the tiny text tower, the UNet's context_dim following the text width
     python bench/stage2_step.py                                            # CPU: tiny
     python bench/stage2_step.py --preset ldm_256 --batch 2 --resolution 64  # CPU smoke run of the big parts
     python bench/stage2_step.py --device cuda --dtype bf16 --preset ldm_256
+    python bench/stage2_step.py --device cuda --dtype bf16 --preset ldm_256 --batch 256 --ablate  # speed options, cumulatively
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ PRESETS = {  # autoencoder yaml, UNet yaml, schedule, then (CPU, CUDA) defaults:
     "tiny": ("tiny", "tiny", "cosine", (32, 32), (64, 64), ("tiny", "tiny")),
     "ldm_256": ("kl_f8_c4", "base", "scaled_linear", (64, 256), (2, 32), ("tiny", "vit-h-14")),
 }
+ABLATIONS = ("text_cache", "channels_last", "compile")  # --ablate's options, in the order they are added
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}  # dense bf16; first match wins
 CAPTIONS = ["a photograph of an astronaut riding a horse", "a red cube on a wooden table",
             "a watercolor painting of a lighthouse at dusk", "a close-up photo of a cat's face"]
@@ -193,6 +195,50 @@ def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> l
     return rows
 
 
+def ablate(preset: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """What each speed option buys, cumulatively, on cached latents: the plain step, then the frozen text encoder's
+    prompt cache (`model.text_encoder.cache_size`), channels_last (`model.channels_last`), and regional compilation
+    (`model.compile_backbone=blocks`), each added to the previous ones on the same module and batches."""
+    cuda = device.type == "cuda"
+    resolution = args.resolution or PRESETS[preset][3][int(cuda)]
+    batch = args.batch or PRESETS[preset][4][int(cuda)]
+    text = args.text or PRESETS[preset][5][int(cuda)]
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
+    module = build(preset, text, device)
+    optimizer = module.configure_optimizers()
+    batches = make_batches(module, args.batches, batch, resolution, device)["cached latents"]
+    train_flops = 3 * forward_flops(module, make_batches(module, 1, batch, resolution, device)
+                                    ["images (encoded on the fly)"][0], autocast)["unet"]
+    step, peak = make_step(module, optimizer, autocast), peak_flops(args, device)
+
+    def text_cache() -> None:
+        module.text_encoder.cache_size = 4 * len(CAPTIONS)
+
+    def channels_last() -> None:  # before the optimizer, whose fused step needs its states in the params' layout
+        nonlocal step
+        module.backbone.to(memory_format=torch.channels_last)
+        step = make_step(module, module.configure_optimizers(), autocast)
+
+    def compile_blocks() -> None:
+        for block in module.backbone.blocks():
+            block.compile()
+
+    options = {"text_cache": ("+ text encoder cache", text_cache), "channels_last": ("+ channels_last", channels_last),
+               "compile": ("+ compile blocks", compile_blocks)}
+    rows = []
+    for name, change in [("plain step", None), *(options[o] for o in args.ablate.split(","))]:
+        if change is not None:
+            change()
+        timed(step, batches, args.warmup, device)
+        seconds = statistics.median(timed(step, batches, args.steps, device) for _ in range(args.repeats))
+        achieved = train_flops / seconds
+        rows.append(dict(preset=preset, input=f"cached latents, {name}", batch=batch, resolution=resolution, text=text,
+                         images_per_s=batch / seconds, ms_per_step=1e3 * seconds, tflops=achieved / 1e12,
+                         mfu=achieved / peak if peak else None))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def print_table(rows: list[dict], args: argparse.Namespace, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     precision = "bf16 autocast" if args.dtype == "bf16" else "fp32"
@@ -224,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     presets = args.preset or ("tiny" if device.type == "cpu" else "both")
     rows = []
     for preset in (PRESETS if presets == "both" else [presets]):
-        rows += run_preset(preset, args, device)
+        rows += (ablate if args.ablate else run_preset)(preset, args, device)
     print_table(rows, args, device)
     return rows
 
@@ -245,6 +291,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (default: by GPU name)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, one repeat, one batch")
+    p.add_argument("--ablate", nargs="?", const=",".join(ABLATIONS), default="",
+                   help="cached latents only: the plain step, then each of these options added to the previous "
+                        f"(comma-separated, in order; default {','.join(ABLATIONS)})")
     return p.parse_args(argv)
 
 

@@ -46,6 +46,15 @@ def test_stage2_step_reports_both_inputs(capsys: pytest.CaptureFixture[str]) -> 
     assert "cached latents / on the fly" in capsys.readouterr().out
 
 
+def test_stage2_step_ablation_adds_each_option() -> None:
+    """--ablate adds the options cumulatively (compile is left out here: inductor takes ~80 s on 2 cores)."""
+    bench = _load("stage2_step")
+    rows = bench.main(["--preset", "tiny", "--quick", "--ablate", "text_cache,channels_last", "--batch", "4",
+                       "--threads", "1"])
+    assert [r["input"].split(", ")[1] for r in rows] == ["plain step", "+ text encoder cache", "+ channels_last"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_sharding_memory_halves_the_training_state_on_two_ranks() -> None:
     import os
