@@ -34,6 +34,7 @@ from ldm.inference.loading import EXPORT_CARD, load_pipeline
 from ldm.inference.sampling_options import SamplingOptions
 from ldm.models.autoencoder.export import CARD, WEIGHTS, load_autoencoder, trained_resolution
 from ldm.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
+from ldm.utils.checkpoint import read_checkpoint
 from ldm.utils.hub_weights import WeightsUnavailable
 from ldm.utils.logging import get_logger
 from ldm.utils.wandb_mode import ensure_wandb_mode
@@ -57,7 +58,7 @@ def checkpoint_stage(path: str | Path) -> Stage:
         raise ValueError(f"{path} is neither a pipeline export (no {EXPORT_CARD}) nor an autoencoder export (no {CARD})")
     if path.name in (CARD, WEIGHTS):
         return "autoencoder"
-    stage = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ldm", {}).get("stage")
+    stage = read_checkpoint(path, mmap=True).get("ldm", {}).get("stage")
     if stage not in ("autoencoder", "diffusion"):
         raise ValueError(f"{path} is not an ldm checkpoint (ckpt['ldm']['stage'] = {stage!r}); expected a checkpoint "
                          "written by train.py, or an export folder.")

@@ -26,7 +26,7 @@ from ldm.models.autoencoder.export import (
     export_autoencoder,
     weights_hash,
 )
-from ldm.utils.checkpoint import upgrade_model_config, upgrade_stage2_checkpoint
+from ldm.utils.checkpoint import read_checkpoint, upgrade_model_config, upgrade_stage2_checkpoint
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -64,7 +64,7 @@ def backbone_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[st
         return load_file(str(file)), str(OmegaConf.load(path / EXPORT_CARD).weights)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a stage-2 .ckpt or a pipeline export folder.")
-    ckpt = upgrade_stage2_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    ckpt = upgrade_stage2_checkpoint(read_checkpoint(path))
     if ckpt.get("ldm", {}).get("stage") != "diffusion":
         raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm")
     averaged = ema_state(ckpt)
@@ -124,7 +124,7 @@ def _relocated(recorded: Path, run_config: Path | None) -> Path | None:
 
 def _load_lightning(path: Path, config: Path | None, ema: bool | None
                     ) -> tuple[DictConfig, dict, dict | None, str, Path, str | None]:
-    ckpt = upgrade_stage2_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    ckpt = upgrade_stage2_checkpoint(read_checkpoint(path))
     meta = ckpt.get("ldm", {})
     if meta.get("stage") != "diffusion":
         raise ValueError(f"{path} is not a stage-2 (diffusion) checkpoint of ldm "

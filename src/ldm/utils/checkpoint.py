@@ -1,13 +1,36 @@
-"""Checkpoint helpers: resolve `ckpt_path=last`, and refuse checkpoints built for another architecture."""
+"""Checkpoint helpers: read a checkpoint safely, resolve `ckpt_path=last`, and refuse checkpoints built for another
+architecture."""
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+
+
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """A `torch.save`d checkpoint (ours, or one from elsewhere) on the CPU, unpickled with `weights_only=True`: tensors,
+    numbers, strings and plain containers only, so a crafted file cannot execute code while it loads (the risk of
+    `weights_only=False`). Our checkpoints hold nothing else (their configs are stored as plain dicts)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} holds objects other than tensors and plain containers ({reason}). ldm reads "
+                         "checkpoints with weights_only=True so that a file cannot run code; if you trust this "
+                         "one, load it yourself and save its plain state dict.") from e
+    except RuntimeError as e:  # torch's zip reader: a truncated file, or not a torch file at all
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated, or another format?): {e}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path | None) -> str | None:

@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.utils.checkpoint import read_checkpoint
 
 WEIGHTS, CARD = "autoencoder.safetensors", "autoencoder.json"
 
@@ -79,7 +79,7 @@ def export_autoencoder(autoencoder: AutoencoderKL, out_dir: str | Path, *, resol
 
 
 def _from_lightning_checkpoint(path: Path) -> AutoencoderKL:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get("ldm", {})
     if meta.get("stage") != "autoencoder" or "autoencoder" not in meta:
         raise ValueError(f"{path} is not a stage-1 (autoencoder) checkpoint of ldm (no ckpt['ldm']['autoencoder']).")
@@ -111,7 +111,7 @@ def trained_resolution(path: str | Path) -> int | None:
     the checkpoint; None when it was not recorded (cards written before the field existed)."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = read_checkpoint(path, mmap=True)
         resolution = (ckpt.get("datamodule_hyper_parameters") or {}).get("resolution")
     else:
         card_path = (path if path.is_dir() else path.parent) / CARD
