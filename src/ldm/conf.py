@@ -1,4 +1,4 @@
-"""Where the Hydra config tree lives, and the resolvers its files use (`${ldm.run_id:}` in conf/hydra/default.yaml,
+"""Where the Hydra config tree lives (`ldm/configs`, shipped in the wheel; `conf/` in a clone links to it), and the resolvers its files use (`${ldm.run_id:}` in conf/hydra/default.yaml,
 `${ldm.job_label:...}` and `${ldm.sweep_name:...}` in conf/logger/wandb.yaml).
 
 Light on purpose (no Lightning, no torch), so that every command line can import it and start quickly.
@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from ldm.utils.hydra_ddp import run_id
 from ldm.utils.sweep import job_label, sweep_name
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Inside the package, so that a wheel install finds it from any directory; the repository's top-level `conf` is a link
+# to it, so that `python train.py` and the docs' conf/... paths keep working in a clone.
+CONF_DIR = str(Path(__file__).resolve().parent / "configs")
 OmegaConf.register_new_resolver("ldm.run_id", run_id, use_cache=True, replace=True)
 # conf/logger/wandb.yaml: a multirun job's W&B run name and group
 OmegaConf.register_new_resolver("ldm.job_label", job_label, replace=True)

@@ -57,3 +57,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
                     weights=label)
     print(f"{label}\nexported to {out}; sample with: python scripts/sample.py ckpt={out} prompt=\"...\"")
     return out
+
+
+def cli() -> None:
+    """The `ldm-posthoc-ema` console script (a console script exits with what its function returns)."""
+    main()
