@@ -23,12 +23,25 @@ class DataHealth(L.Callback):
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = every_n_steps
-        self.local: Counter[str] = Counter()  # this rank's totals since the run started
+        self.local: Counter[str] = Counter()  # this rank's totals since the run started (as of the last fold)
+        self.pending: dict[str, torch.Tensor] = {}  # counts that arrived as (device) tensors since then
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         for cause, count in ((batch.get("skips") if isinstance(batch, dict) else None) or {}).items():
-            self.local[cause] += int(count.sum()) if isinstance(count, torch.Tensor) else int(count)
+            if isinstance(count, torch.Tensor):  # summed where it is: int() here would sync with the GPU every step
+                total = count.detach().sum()
+                self.pending[cause] = self.pending[cause] + total if cause in self.pending else total
+            else:
+                self.local[cause] += int(count)
+
+    def _fold(self) -> None:
+        """Add the pending tensor counts to the host totals: one read-back, at a report or a save."""
+        if self.pending:
+            causes = list(self.pending)
+            values = torch.stack([self.pending[c].to(torch.float64).cpu() for c in causes]).tolist()
+            self.local.update({c: int(v) for c, v in zip(causes, values)})
+            self.pending = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -42,6 +55,7 @@ class DataHealth(L.Callback):
                         + ", ".join(f"{k}={v}" for k, v in totals.items() if v))
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+        self._fold()
         causes = list(SKIP_CAUSES)  # the same length on every rank, whatever each one saw
         local = torch.tensor([float(self.local[c]) for c in causes], device=pl_module.device)
         summed = trainer.strategy.reduce(local, reduce_op="sum")
@@ -51,6 +65,7 @@ class DataHealth(L.Callback):
         return totals
 
     def state_dict(self) -> dict[str, Any]:
+        self._fold()
         return {"local": dict(self.local)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

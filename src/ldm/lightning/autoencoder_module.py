@@ -111,7 +111,7 @@ class AutoencoderModule(L.LightningModule):
         self._step(loss, gan_on)
         bs = x.shape[0]
         self.log_dict({f"train/{k}": v.detach().float() for k, v in logs.items() if k != "rec"}, batch_size=bs)
-        self.log("train/rec", logs["rec"], prog_bar=True, batch_size=bs)
+        self.log("train/rec", logs["rec"], batch_size=bs)  # on the bar via callbacks.progress
         return loss.detach()
 
     def _step(self, loss: Tensor, gan_on: bool) -> None:

@@ -213,26 +213,36 @@ class DiffusionModule(L.LightningModule):
         cond, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
         out = self.loss(self.backbone, z, cond, schedule=self.process.schedule(*z.shape[-2:]))
         loss = out.loss.mean()
-        if not self.guard.all_finite(self.trainer.strategy, loss):
-            return None  # every rank skips together (the guard reduces the flag across ranks)
+        # Not decided here: a NaN/Inf loss makes the gradient norm non-finite too, and configure_gradient_clipping
+        # skips the update on the device. Returning None instead would need bool(loss) on the host every step.
+        self._step_loss = loss.detach()
         bs = z.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)  # on the bar via callbacks.progress (no per-step sync)
         self.log("train/cond_drop_rate", dropped.float().mean(), batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)  # this step's
         return loss
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by norm and check the gradient in one pass; a NaN/Inf norm on any rank skips the step on all."""
+        """Clip by norm and check loss and gradient in one pass; a NaN/Inf on any rank skips the step on all.
+
+        With an optimizer that takes GradScaler's `found_inf` (fused Adam/AdamW, the default) the skip happens on the
+        device: the fused kernel leaves weights, moments and step counts as they were, and the host reads the
+        guard's counts only every `log_every_n_steps`. Other optimizers need the decision on the host."""
         if gradient_clip_algorithm not in (None, "norm"):  # "value": Lightning clips, we still check the norm
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             gradient_clip_val = None
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"), foreach=True))
-        if not self.guard.all_finite(self.trainer.strategy, norm):
+        loss = getattr(self, "_step_loss", None)
+        finite = self.guard.finite(self.trainer.strategy, norm, *([] if loss is None else [loss]))
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = (~finite).float()  # (a GradScaler, under 16-mixed, sets its own before the step)
+        elif not bool(finite):
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
-        else:
-            self.log("train/grad_norm", norm, batch_size=1)
+        self.log("train/grad_norm", norm, batch_size=1)  # NaN/Inf on a skipped step
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.guard.report()  # the one host synchronisation, with the logging
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
