@@ -20,17 +20,19 @@ COMMON = ["experiment=ldm_tiny", "logger=csv", "print_config=false"]
 
 
 def write_job(job: Path, overrides: list[str], train_loss: list[float], val_loss: float,
-              x0_mse: tuple[float, ...]) -> Path:
+              x0_mse: tuple[float, ...], perf: dict[str, float] | None = None) -> Path:
     """A job folder as a Hydra multirun + CSVLogger leave it: train rows every step, one validation row at the end."""
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (job / "csv").mkdir()
     bins = [f"val/x0_mse_logsnr_{b:+d}" for b in BINS]
     with open(job / "csv" / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "step", "train/loss", "val/loss", *bins])
+        writer = csv.DictWriter(f, ["epoch", "step", "train/loss", "val/loss", *bins, *(perf or {})])
         writer.writeheader()
         for step, loss in enumerate(train_loss):
             writer.writerow({"epoch": 0, "step": step, "train/loss": loss})
+        if perf:  # the throughput callback logs on its own rows
+            writer.writerow({"epoch": 0, "step": len(train_loss) - 1, **perf})
         writer.writerow({"epoch": 0, "step": len(train_loss) - 1, "val/loss": val_loss, **dict(zip(bins, x0_mse))})
     return job
 
@@ -66,6 +68,18 @@ def test_table_holds_the_logged_numbers_sorted_by_val_loss(sweep: Path) -> None:
     assert float(written[2]["val/x0_mse_logsnr_+8"]) == 0.011 and written[2]["job"] == str(sweep / "0")
     png = (sweep / "sweep_report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_cost_and_mfu_columns_come_from_the_throughput_callback(tmp_path: Path) -> None:
+    root = tmp_path / "multiruns" / "t"
+    root.mkdir(parents=True)
+    for i, (mfu, cost) in enumerate([(0.31, 12.5), (0.22, 17.0)]):
+        write_job(root / str(i), [*COMMON, f"data.batch_size={64 * (i + 1)}"], [1.0, 0.5], 0.1, (0.1, 0.1, 0.1),
+                  perf={"perf/mfu": mfu, "perf/images_per_s": 100.0 * (i + 1), "perf/gpu_hours_projected": 5.0,
+                        "perf/cost_projected": cost})
+    head, *rows = table_rows(report(root, sort="perf/cost_projected"))
+    assert head[-4:] == ["perf/mfu", "perf/images_per_s", "perf/gpu_hours_projected", "perf/cost_projected"]
+    assert [r[-4:] for r in rows] == [["0.31", "100", "5", "12.5"], ["0.22", "200", "5", "17"]]
 
 
 def test_sort_metric_direction_and_columns(sweep: Path, tmp_path: Path) -> None:

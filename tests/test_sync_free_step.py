@@ -18,6 +18,7 @@ from test_diffusion_module import parts
 from ldm.callbacks.data_health import DataHealth
 from ldm.callbacks.ema import EMA
 from ldm.callbacks.progress import ProgressBar
+from ldm.callbacks.throughput import Throughput
 from ldm.lightning.diffusion_module import DiffusionModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +133,7 @@ def test_no_host_synchronisation_outside_the_reporting_steps(tmp_path) -> None:
     counter, n, log_every = ConversionCounter(), 13, 4
     health = DataHealth(every_n_steps=log_every)
     # first in the list: its batch-start hook runs before the other callbacks'
-    fit(module(), batches(n), [counter, ProgressBar(), EMA(decay=0.9), health], log_every=log_every,
+    fit(module(), batches(n), [counter, ProgressBar(), EMA(decay=0.9), health, Throughput()], log_every=log_every,
         logger=CSVLogger(tmp_path))
     counter.on_train_end(None, None)
     reporting = {s for s in range(n) if (s + 1) % log_every == 0 or s % log_every == 0}

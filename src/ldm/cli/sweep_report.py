@@ -1,5 +1,6 @@
 """`python scripts/sweep_report.py DIR`: one table and one figure comparing the jobs of a Hydra sweep: final losses,
-evaluation metrics and the x0-space error per log-SNR bin (`val/x0_mse_logsnr_*`, the same bins for every schedule)."""
+evaluation metrics, the x0-space error per log-SNR bin (`val/x0_mse_logsnr_*`, the same bins for every schedule) and
+what each trial cost (`perf/*`: MFU, images/s, projected GPU-hours and cost, from the throughput callback)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from ldm.utils.argv import KEY_VALUE_EPILOG, parse_args
 log = logging.getLogger(__name__)
 
 History = dict[str, list[tuple[int, float]]]  # metric -> [(global step, value)] in logging order
-DEFAULT_METRICS = ("train/loss", "val/loss", "eval/*", "val/x0_mse_logsnr_*")
+# perf/*: the throughput callback's last figures (MFU, images/s, projected GPU-hours and cost to max_steps)
+DEFAULT_METRICS = ("train/loss", "val/loss", "eval/*", "val/x0_mse_logsnr_*", "perf/mfu", "perf/images_per_s",
+                   "perf/gpu_hours_projected", "perf/cost_projected")
 BIN = re.compile(r"^val/x0_mse_logsnr_([+-]?\d+(?:\.\d+)?)$")
 STEP_KEYS = ("step", "epoch", "trainer/global_step")  # the x axes, not metrics
 SKIP_DIRS = {"wandb", "checkpoints", "csv", "images", "export", ".hydra", "__pycache__"}
@@ -428,7 +431,7 @@ def report(root: str | Path, *, metrics: Sequence[str] = DEFAULT_METRICS, sort: 
     names = {k for j in jobs for k in j.final}
     if sort is not None and sort not in names:
         raise ValueError(f"--sort {sort}: no job logged it; logged metrics: {', '.join(sorted(names))}")
-    select_columns(jobs, metrics)  # warns about patterns that no job matched
+    select_columns(jobs, metrics, warn=tuple(metrics) != DEFAULT_METRICS)  # warns about patterns no job matched
     groups = group_jobs(jobs)
     out = Path(out) if out is not None else root / "sweep_report.png"
     lines = [f"Sweep report: {len(jobs)} run{'s' * (len(jobs) != 1)} in {root}"
