@@ -1,0 +1,41 @@
+"""bench/gpu_suite.py at toy size on the CPU: every item runs through the command it uses on a GPU (so the suite does
+not rot between the rare sessions with a GPU), and the results are written after every item."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_item_of_the_gpu_suite_runs_at_toy_size(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = suite
+    spec.loader.exec_module(suite)
+    results = suite.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    assert [r["item"] for r in results] == list(suite.ITEMS)
+    failed = {r["item"]: r["tail"] for r in results if r["rc"] != 0}
+    assert not failed, failed
+    benches = {r["item"]: r for r in results if r["item"] not in suite.NEEDS_DATA}
+    assert all(r["tables"] for name, r in benches.items() if name != "autoencoder")  # each printed its table
+    assert any("throughput ours/diffusers" in line for line in benches["autoencoder"]["tail"])  # a text table
+    e2e = next(r for r in results if r["item"] == "train_e2e")
+    assert e2e["figures"]["perf/images_per_s"] > 0 and e2e["figures"]["train.py / bench img/s"] > 0
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [i["item"] for i in written["items"]] == list(suite.ITEMS)
+    assert "## train_e2e" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_items_are_named() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_suite_args", ROOT / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    with pytest.raises(SystemExit, match="unknown item"):
+        suite.main(["--device", "cpu", "--smoke", "--only", "stage2_b128,bogus"])
