@@ -41,12 +41,14 @@ from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.models.backbone import Conditioning
 from ldm.models.convert_transformers import dit_to_diffusers, mmdit_to_diffusers
 from ldm.models.dit import DiT
 from ldm.utils.device import resolve_device
+from ldm.utils.flops import BF16_PEAK_TFLOPS as PEAK_TFLOPS
+from ldm.utils.flops import CPU_SDPA_FLOPS
 
 CONF = Path(__file__).resolve().parents[1] / "conf/model/backbone"
 WIDTH_40M = {"dit": dict(hidden_size=512, depth=9, num_heads=8), "mmdit": dict(hidden_size=384, depth=8, num_heads=6)}
@@ -56,15 +58,7 @@ PRESETS = {  # yaml per backbone, overrides per backbone, latent side, default b
     "b2": (dict(dit="dit_b2", mmdit="mmdit_base"), {}, 32, (2, 0)),
 }
 TOKENS = 77
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}  # dense bf16; first match wins
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; same formulas (bench/unet_step.py).
-_aten = torch.ops.aten
-CPU_SDPA_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-}
 
 # -------------------------------------------------------------------------------------------------------
 # Contenders and steps

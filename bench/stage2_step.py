@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.parameterization import VPrediction
@@ -52,6 +52,7 @@ from ldm.diffusion.weighting import MinSNR
 from ldm.lightning.diffusion_module import DiffusionModule
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.device import resolve_device
+from ldm.utils.flops import CPU_SDPA_FLOPS, bf16_peak_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf/model"
 TEXT_ENCODERS = {"tiny": "ldm-tiny-text", "vit-h-14": "ViT-H-14"}  # open_clip names, random init
@@ -61,17 +62,9 @@ PRESETS = {  # autoencoder yaml, UNet yaml, schedule, then (CPU, CUDA) defaults:
     "ldm_256": ("kl_f8_c4", "base", "scaled_linear", (64, 256), (2, 32), ("tiny", "vit-h-14")),
 }
 ABLATIONS = ("text_cache", "channels_last", "compile")  # --ablate's options, in the order they are added
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}  # dense bf16; first match wins
 CAPTIONS = ["a photograph of an astronaut riding a horse", "a red cube on a wooden table",
             "a watercolor painting of a lighthouse at dusk", "a close-up photo of a cat's face"]
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; same formulas (bench/unet_step.py).
-_aten = torch.ops.aten
-CPU_SDPA_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-}
 
 
 def build(preset: str, text: str, device: torch.device) -> DiffusionModule:
@@ -157,10 +150,7 @@ def timed(step: Callable[[dict], None], batches: list[dict], steps: int, device:
 def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return bf16_peak_flops(device)
 
 
 def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> list[dict]:

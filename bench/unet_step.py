@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.models.unet.convert import convert_diffusers_unet, unet_kwargs_from_diffusers_config
 from ldm.models.unet.unet import UNet
 from ldm.utils.device import resolve_device
+from ldm.utils.flops import CPU_SDPA_FLOPS
 
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -130,13 +131,6 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / best
 
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; same formulas.
-_aten = torch.ops.aten
-CPU_SDPA_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-}
 
 
 def step_flops(fn: Callable[[], None]) -> int:
