@@ -18,6 +18,7 @@ from ldm.models.autoencoder.export import export_autoencoder, weights_hash
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Conditioning
 from ldm.models.dit import DiT
+from ldm.models.mmdit import MMDiT
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.models.unet.unet import UNet
 
@@ -60,14 +61,18 @@ def make_export(folder: Path, *, schedule: str = "scaled_linear", parameterizati
         net: torch.nn.Module = UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                                     num_heads=None, head_channels=8, context_dim=64, norm_groups=4)
         _randomize(net, 0.05, 2)
-    else:
+    elif backbone == "dit":
         net = DiT(in_channels=4, out_channels=4, hidden_size=32, depth=2, num_heads=2, patch_size=2, context_dim=64,
                   sample_size=8, interpolation_scale=1.0)
+        _randomize(net, 0.05, 2)
+    else:
+        net = MMDiT(in_channels=4, out_channels=4, hidden_size=32, depth=2, num_heads=2, patch_size=2, context_dim=64,
+                    pooled_dim=64, qk_norm="rms_norm", sample_size=8, pos_embed_max_size=None)
         _randomize(net, 0.05, 2)
     text = OpenCLIPTextEncoder("ldm-tiny-text", pretrained=None)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "backbone.safetensors"))
     save_file({k: v.contiguous() for k, v in text.state_dict().items()}, str(folder / "text_encoder.safetensors"))
-    target = f"ldm.models.{'unet.unet.UNet' if backbone == 'unet' else 'dit.DiT'}"
+    target = {"unet": "ldm.models.unet.unet.UNet", "dit": "ldm.models.dit.DiT", "mmdit": "ldm.models.mmdit.MMDiT"}[backbone]
     param = {"_target_": PARAMETERIZATIONS[parameterization]}
     if parameterization != "flow":
         param["schedule"] = "${..schedule}"
@@ -243,6 +248,28 @@ def test_a_lightning_checkpoint_exports_its_ema_weights(stage2_runs: dict[str, P
     b = theirs(PROMPT, latents=(noise * sigma0 / torch.sqrt(1 + sigma0**2)).float(), num_inference_steps=20,
                guidance_scale=3.0, height=32, width=32, output_type="pt").images
     assert (a - b).abs().max() <= 1 / 255
+
+
+def test_mmdit_export_loads_in_sd3_with_equal_outputs_and_names_the_pooled_embedding(tmp_path: Path) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    export = make_export(tmp_path / "ours", backbone="mmdit", schedule="rectified_flow", parameterization="flow")
+    ours = load_pipeline(export)
+    with pytest.warns(UserWarning) as warned:
+        result = export_diffusers(export, tmp_path / "diffusers")
+    assert any("pooled text embedding not written" in str(w.message) for w in warned)
+    theirs = SD3Transformer2DModel.from_pretrained(str(tmp_path / "diffusers" / "transformer"),
+                                                   local_files_only=True).eval()
+    g = torch.Generator().manual_seed(0)
+    x, context, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 64, generator=g), \
+        torch.randn(2, 64, generator=g)
+    c_noise = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        expected = theirs(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=c_noise).sample
+        torch.testing.assert_close(ours.backbone(x, c_noise, Conditioning(context, pooled)), expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert expected.abs().max() > 0.01
+    assert set(result.missing) == {"model_index.json", "pooled text embedding"}
 
 
 # -------------------------------------------------------------------------------------------------------

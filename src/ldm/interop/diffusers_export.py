@@ -59,7 +59,8 @@ def export_diffusers(source: str | Path, out_dir: str | Path, *, ema: bool | Non
     export = DiffusersExport(out)
     parts: dict[str, Any] = {}
 
-    backbone_name, parts[_backbone_part(pipeline.backbone)] = _backbone(pipeline)
+    backbone_name, backbone = _backbone(pipeline)
+    parts["unet" if isinstance(pipeline.backbone, UNet) else "transformer"] = backbone
     parts["vae"] = _vae(pipeline)
     scheduler = scheduler_for_process(process_cfg)
     if scheduler.scheduler is None:
@@ -70,6 +71,10 @@ def export_diffusers(source: str | Path, out_dir: str | Path, *, ema: bool | Non
         parts["text_encoder"], parts["tokenizer"] = _text_encoder(pipeline, out)
     except (ImportError, ValueError) as error:  # transformers missing, or a tower CLIPTextModel cannot express
         export.missing["text_encoder"] = export.missing["tokenizer"] = str(error)
+    if getattr(pipeline.backbone, "pooled_dim", None) is not None:
+        export.missing["pooled text embedding"] = (
+            f"{type(pipeline.backbone).__name__} also takes the pooled embedding of the text tower's last block; "
+            "text_encoder/ (a CLIPTextModel) gives the token states only")
 
     if out.exists():
         shutil.rmtree(out)
@@ -119,10 +124,6 @@ def read_model_config(source: str | Path, config: str | Path | None = None) -> D
 # -------------------------------------------------------------------------------------------------------
 # Parts
 # -------------------------------------------------------------------------------------------------------
-
-
-def _backbone_part(backbone: torch.nn.Module) -> str:
-    return "unet" if isinstance(backbone, UNet) else "transformer"
 
 
 def _backbone(pipeline: LatentDiffusionPipeline) -> tuple[str, Any]:
