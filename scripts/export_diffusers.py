@@ -8,6 +8,7 @@ scheduler/, text_encoder/ + tokenizer/ and model_index.json, loadable with
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ckpt = Path(args.ckpt)
     out = args.out or (ckpt.with_name(ckpt.name + "_diffusers") if ckpt.is_dir()
                        else ckpt.resolve().parent.parent / "diffusers")
+    warnings.filterwarnings("ignore", message="diffusers export of")  # printed below, one line per part
     export = export_diffusers(ckpt, out, ema=False if args.raw else None, config=args.config,
                               autoencoder=args.autoencoder)
     print(f"exported {', '.join(export.written)} to {out}")

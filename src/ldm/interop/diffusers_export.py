@@ -68,7 +68,7 @@ def export_diffusers(source: str | Path, out_dir: str | Path, *, ema: bool | Non
     else:
         parts["scheduler"] = scheduler.scheduler
     try:
-        parts["text_encoder"], parts["tokenizer"] = _text_encoder(pipeline, out)
+        parts["text_encoder"], parts["tokenizer"] = _text_encoder(pipeline)
     except (ImportError, ValueError) as error:  # transformers missing, or a tower CLIPTextModel cannot express
         export.missing["text_encoder"] = export.missing["tokenizer"] = str(error)
     if getattr(pipeline.backbone, "pooled_dim", None) is not None:
@@ -164,7 +164,7 @@ def _vae(pipeline: LatentDiffusionPipeline) -> Any:
     return model.eval()
 
 
-def _text_encoder(pipeline: LatentDiffusionPipeline, out: Path) -> tuple[Any, Any]:
+def _text_encoder(pipeline: LatentDiffusionPipeline) -> tuple[Any, Any]:
     """transformers' CLIPTextModel and CLIPTokenizer of our OpenCLIP tower (ImportError without transformers)."""
     try:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
