@@ -51,7 +51,7 @@ def make_export(folder: Path, *, schedule: str = "scaled_linear", parameterizati
     torch.manual_seed(0)
     ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
                        mid_attention=True, norm_groups=4, latent_norm=latent_norm)
-    _randomize(ae, 0.15, 1)
+    _randomize(ae, 0.5, 1)  # contrast: pixel std ~0.15 in [0, 1] (0.06 at 0.15)
     if latent_norm == "scale":
         ae.set_latent_stats(scale=0.7)
     else:
@@ -144,7 +144,10 @@ def test_stable_diffusion_pipeline_gives_our_images(parameterization: str, sched
     assert theirs.shape == ours.shape == (1, 3, 32, 32)
     assert 0.02 < ours.std() and ((ours > 0.01) & (ours < 0.99)).float().mean() > 0.5  # not a flat or clipped image
     error = (ours - theirs).abs().max().item()
-    assert error <= 1 / 255, f"max pixel difference {error * 255:.3f}/255"  # measured: see README
+    assert error <= 1 / 255, f"max pixel difference {error * 255:.4f}/255"  # the issue's bar
+    # measured 0.0008-0.001/255 (v, eps), 0.0001/255 (zero SNR); a 1% error in the exported scaling_factor gives
+    # 0.17/255, under the issue's bar: this bound is the one that catches such a mistake
+    assert error <= 0.02 / 255, f"max pixel difference {error * 255:.4f}/255"
     # the network, call by call: ours batches [cond, uncond], diffusers [uncond, cond]
     assert len(our_calls) == len(their_calls) == 30
     # diffusers' UniPC casts its timesteps to int64: off the integer grid (the exponential ladder) its UNet sees t
@@ -247,7 +250,8 @@ def test_a_lightning_checkpoint_exports_its_ema_weights(stage2_runs: dict[str, P
     sigma0 = ours.sigmas(20, "trailing", (side, side), "unipc")[0].double()
     b = theirs(PROMPT, latents=(noise * sigma0 / torch.sqrt(1 + sigma0**2)).float(), num_inference_steps=20,
                guidance_scale=3.0, height=32, width=32, output_type="pt").images
-    assert (a - b).abs().max() <= 1 / 255
+    error = (a - b).abs().max().item()
+    assert error <= 0.02 / 255, f"max pixel difference {error * 255:.4f}/255"  # measured 0.00015/255
 
 
 def test_mmdit_export_loads_in_sd3_with_equal_outputs_and_names_the_pooled_embedding(tmp_path: Path) -> None:
