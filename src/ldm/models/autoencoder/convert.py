@@ -11,6 +11,10 @@ or by hand, from any state dict:
     model = AutoencoderKL(**kwargs)
     model.load_state_dict(convert_diffusers_autoencoder(state_dict, config), strict=True)
 
+and the other way, for diffusers' `AutoencoderKL(**config)` + `load_state_dict(strict=True)` or `save_pretrained`:
+
+    config, state_dict = autoencoder_to_diffusers(model)             # latent statistics in the config
+
 An original CompVis checkpoint (`first_stage_model.*` inside an SD `.ckpt`, or a bare VAE `.ckpt` such as
 `vae-ft-mse-840000-ema-pruned.ckpt`) goes through `convert_compvis_autoencoder(state_dict)` instead; build the
 model with `PRESETS["kl_f8_c4"]` and set `latent_scale` to 0.18215 with `set_latent_stats(scale=0.18215)`.
@@ -53,6 +57,22 @@ _COMPVIS_RULES: list[tuple[str, str]] = [
     (r"\.mid\.attn_1\.proj_out\.", ".mid.attn.proj."),
     (r"\.mid\.attn_1\.", ".mid.attn."),
 ]
+
+# Our key -> diffusers key, the inverse of _DIFFUSERS_RULES (the fused mid-block qkv is split afterwards).
+_INVERSE_RULES: list[tuple[str, str]] = [
+    (r"\.down\.(\d+)\.blocks\.(\d+)\.", r".down_blocks.\1.resnets.\2."),
+    (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+    (r"\.up\.(\d+)\.blocks\.(\d+)\.", r".up_blocks.\1.resnets.\2."),
+    (r"\.up\.(\d+)\.upsample\.", r".up_blocks.\1.upsamplers.0."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn\.qkv\.", ".mid_block.attentions.0.qkv."),
+    (r"\.mid\.attn\.proj\.", ".mid_block.attentions.0.to_out.0."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"\.norm_out\.", ".conv_norm_out."),
+]
+_LATENT_BUFFERS = ("latent_scale", "latent_mean", "latent_std", "latent_stats_set")
 
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -113,6 +133,52 @@ def convert_compvis_autoencoder(state_dict: Mapping[str, Tensor]) -> dict[str, T
     return _finish(out, None)
 
 
+def autoencoder_to_diffusers(model: AutoencoderKL, sample_size: int | None = None
+                             ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Our `AutoencoderKL` -> (diffusers `AutoencoderKL` config, state dict): the inverse of
+    `autoencoder_kwargs_from_diffusers_config` + `convert_diffusers_autoencoder`.
+
+    The latent statistics go into the config the way diffusers writes them: `latent_norm="scale"` as
+    `scaling_factor` (SD: z * 0.18215); `"channel"` with one mean and one std for all channels as SD3's
+    `(z - shift_factor) * scaling_factor`; per-channel ones as `latents_mean` / `latents_std` with `scaling_factor`
+    (SDXL / Playground's `(z - mean) * scaling_factor / std`). Pipelines differ in which of these they read:
+    StableDiffusionPipeline only applies `scaling_factor` (see `latent_norm_for_sd_pipeline`).
+    """
+    if not isinstance(model, AutoencoderKL):
+        raise ValueError(f"autoencoder_to_diffusers takes an ldm AutoencoderKL, got {type(model).__name__}")
+    c = model.config
+    n = len(c["channel_mult"])
+    config: dict[str, Any] = dict(
+        in_channels=c["in_channels"], out_channels=c["out_channels"],
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=[c["base_channels"] * m for m in c["channel_mult"]],
+        layers_per_block=c["num_res_blocks"], act_fn="silu", latent_channels=c["latent_channels"],
+        norm_num_groups=c["norm_groups"], mid_block_add_attention=c["mid_attention"],
+        use_quant_conv=c["use_quant_conv"], use_post_quant_conv=c["use_quant_conv"],
+        force_upcast=True, **_latent_config(model),
+    )  # `dropout` (training only) has no diffusers counterpart and is dropped
+    if sample_size is not None:  # the image side diffusers' tiling and default sizes assume
+        config["sample_size"] = sample_size
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key in _LATENT_BUFFERS:
+            continue
+        key = _rename(key, _INVERSE_RULES)
+        if ".qkv." in key:
+            names = [key.replace(".qkv.", f".to_{x}.") for x in "qkv"]
+            state.update(zip(names, value.chunk(3), strict=True))
+        else:
+            state[key] = value
+    return config, {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def latent_norm_for_sd_pipeline(config: Mapping[str, Any]) -> str | None:
+    """None when StableDiffusionPipeline decodes latents of this diffusers VAE config as ldm does (it divides by
+    `scaling_factor` only), else what it would ignore."""
+    ignored = [k for k in ("shift_factor", "latents_mean", "latents_std") if config.get(k) is not None]
+    return None if not ignored else f"{', '.join(ignored)} (StableDiffusionPipeline applies only scaling_factor)"
+
+
 def load_diffusers_autoencoder(directory: str | Path) -> AutoencoderKL:
     """Build an `AutoencoderKL` from a local diffusers folder (`config.json` + weights)."""
     directory = Path(directory)
@@ -146,6 +212,19 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
 def _as_linear(weight: Tensor) -> Tensor:
     # CompVis and old diffusers store attention projections as 1x1 convs (out, in, 1, 1).
     return weight.reshape(weight.shape[0], -1) if weight.ndim > 2 else weight
+
+
+def _latent_config(model: AutoencoderKL) -> dict[str, Any]:
+    scale = float(model.latent_scale)
+    none = dict(shift_factor=None, latents_mean=None, latents_std=None)
+    if model.latent_norm == "scale":
+        return dict(none, scaling_factor=scale)
+    mean, std = model.latent_mean.float(), model.latent_std.float()
+    if bool((std == std[0]).all()) and bool((mean == mean[0]).all()):
+        # (z - m) / s * scale = (z - shift) * scaling with shift = m, scaling = scale / s; no shift when m = 0
+        shift = float(mean[0]) or None
+        return dict(none, scaling_factor=scale / float(std[0]), shift_factor=shift)
+    return dict(none, scaling_factor=scale, latents_mean=mean.tolist(), latents_std=std.tolist())
 
 
 def _finish(sd: dict[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Tensor]:

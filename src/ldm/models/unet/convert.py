@@ -12,6 +12,10 @@ or by hand, from any diffusers state dict and config:
     model = UNet(**kwargs)
     model.load_state_dict(convert_diffusers_unet(state_dict), strict=True)
 
+The other way, for diffusers' `UNet2DConditionModel(**config)` + `load_state_dict(strict=True)` or `save_pretrained`:
+
+    config, state_dict = unet_to_diffusers(model)                  # exact inverse of convert_diffusers_unet
+
 An original CompVis checkpoint (`v2-1_512-ema-pruned.ckpt`, keys `model.diffusion_model.*`) first goes through
 diffusers' `diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint(state_dict, config)` (`config`: the
 matching diffusers `unet/config.json`) and then through `convert_diffusers_unet`. SD 2.x is an eps (512 px `-base`) or v (768 px) model on the "scaled_linear" DDPM
@@ -49,6 +53,25 @@ _RULES: list[tuple[str, str]] = [
     (r"\.attn2\.to_q\.", ".attn2.q."),
     (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
     (r"\.ff\.net\.2\.", ".ff.out."),
+]
+
+# Our key -> diffusers key, the inverse of _RULES (qkv / kv are split afterwards).
+_INVERSE_RULES: list[tuple[str, str]] = [
+    (r"^\.time_embed\.", ".time_embedding."),
+    (r"^\.norm_out\.", ".conv_norm_out."),
+    (r"^\.(down|up)\.(\d+)\.res\.", r".\1_blocks.\2.resnets."),
+    (r"^\.(down|up)\.(\d+)\.attn\.", r".\1_blocks.\2.attentions."),
+    (r"^\.(down|up)\.(\d+)\.resample\.", r".\1_blocks.\2.\1samplers.0."),
+    (r"^\.mid\.res_1\.", ".mid_block.resnets.0."),
+    (r"^\.mid\.res_2\.", ".mid_block.resnets.1."),
+    (r"^\.mid\.attn\.", ".mid_block.attentions.0."),
+    (r"\.emb_proj\.", ".time_emb_proj."),
+    (r"\.skip\.", ".conv_shortcut."),
+    (r"\.blocks\.", ".transformer_blocks."),
+    (r"\.(attn[12])\.out\.", r".\1.to_out.0."),
+    (r"\.attn2\.q\.", ".attn2.to_q."),
+    (r"\.ff\.proj\.", ".ff.net.0.proj."),
+    (r"\.ff\.out\.", ".ff.net.2."),
 ]
 
 # Config entries whose other values would change the function; each must keep this (diffusers default) value.
@@ -137,6 +160,44 @@ def convert_diffusers_unet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return sd
 
 
+def unet_to_diffusers(model: UNet, sample_size: int | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Our `UNet` -> (diffusers `UNet2DConditionModel` config, state dict): the inverse of
+    `unet_kwargs_from_diffusers_config` + `convert_diffusers_unet` (every tensor unchanged, q/k/v split).
+
+    `sample_size` (the latent side) only sets diffusers' default output size. The head count goes out as SD does,
+    one `attention_head_dim` entry per level (the mid block uses the last level's).
+    """
+    if not isinstance(model, UNet):
+        raise ValueError(f"unet_to_diffusers takes an ldm UNet, got {type(model).__name__}; transformers go through "
+                         "ldm.models.convert_transformers (dit_to_diffusers / mmdit_to_diffusers)")
+    c = model.config
+    widths = [c["model_channels"] * m for m in c["channel_mult"]]
+    n, attending = len(widths), set(c["attention_levels"])
+    down = ["CrossAttnDownBlock2D" if i in attending else "DownBlock2D" for i in range(n)]
+    up = ["CrossAttnUpBlock2D" if i in attending else "UpBlock2D" for i in reversed(range(n))]
+    # heads per level; a non-attending level's entry is unused by diffusers but must be a positive int
+    heads = [c["num_heads"] or max(1, w // c["head_channels"]) for w in widths]
+    config: dict[str, Any] = dict(
+        in_channels=c["in_channels"], out_channels=c["out_channels"],
+        down_block_types=down, up_block_types=up, block_out_channels=widths, layers_per_block=c["num_res_blocks"],
+        attention_head_dim=heads, transformer_layers_per_block=c["transformer_depth"],
+        cross_attention_dim=c["context_dim"], use_linear_projection=c["use_linear_projection"],
+        dropout=c["dropout"], norm_num_groups=c["norm_groups"], **_FIXED,
+    )
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        key = _rename(key, _INVERSE_RULES)
+        if key.endswith(".attn1.qkv.weight"):
+            state.update(zip((key.replace("qkv", f"to_{x}") for x in "qkv"), value.chunk(3), strict=True))
+        elif key.endswith(".attn2.kv.weight"):
+            state.update(zip((key.replace("kv", f"to_{x}") for x in "kv"), value.chunk(2), strict=True))
+        else:
+            state[key] = value
+    return config, {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
 def read_diffusers_folder(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A local diffusers model folder's `config.json` and its weights (safetensors, or `.bin` loaded weights-only;
     sharded checkpoints come as several files)."""
@@ -169,9 +230,9 @@ def load_diffusers_unet(directory: str | Path, **overrides: Any) -> UNet:
 # -------------------------------------------------------------------------------------------------------
 
 
-def _rename(key: str) -> str:
+def _rename(key: str, rules: list[tuple[str, str]] = _RULES) -> str:
     key = "." + key
-    for pattern, replacement in _RULES:
+    for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
     return key[1:]
 
