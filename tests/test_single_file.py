@@ -1,0 +1,213 @@
+"""The SD single-file layout (`ldm.interop.single_file`): diffusers' own single-file converters are the oracle for
+our export, a file written from random diffusers weights imports to the same functions, ours -> file -> ours is
+bit-exact, and what the layout cannot hold (or a file that is not one) is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+from tiny_sd import (
+    diffusers_unet,
+    diffusers_vae,
+    ours_autoencoder,
+    ours_unet,
+    randomize,
+    text_encoder,
+)
+
+from ldm.interop.single_file import (
+    SD_LATENT_SCALE,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    load_single_file,
+    read_single_file,
+    save_single_file,
+    single_file_state,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Attention at both levels, at the inner one only, at the outer one only; linear or 1x1-conv projections.
+UNET_VARIANTS = {
+    "both_linear": {},
+    "inner_conv": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), use_linear_projection=False,
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2),
+    "outer_linear": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def released(path: Path, unet, vae, text=None) -> Path:
+    """A file as a release ships it: CompVis keys, no header of ours (so no heads, no prediction, no latent scale)."""
+    save_file(single_file_state(unet, vae, text), str(path))
+    return path
+
+
+@pytest.mark.parametrize("variant", list(UNET_VARIANTS))
+def test_unet_export_is_what_diffusers_single_file_converter_reads(variant: str) -> None:
+    theirs = diffusers_unet(**UNET_VARIANTS[variant])
+    state = single_file_state(ours_unet(theirs), ours_autoencoder(diffusers_vae()))
+    compvis = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    rebuilt = convert_ldm_unet_checkpoint(compvis, dict(theirs.config))
+    assert rebuilt.keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(rebuilt[key].reshape(value.shape), value), key
+
+
+def test_vae_export_is_what_diffusers_single_file_converter_reads() -> None:
+    theirs = diffusers_vae()
+    state = single_file_state(ours_unet(diffusers_unet()), ours_autoencoder(theirs))
+    rebuilt = convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(VAE_PREFIX)},
+                                         dict(theirs.config))
+    assert rebuilt.keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(rebuilt[key], value), key
+
+
+def test_openclip_text_export_gives_diffusers_sd2_text_encoder_the_same_states() -> None:
+    """diffusers reads an SD 2.x file's OpenCLIP tower into a transformers CLIPTextModel: the penultimate layer after
+    the final norm must be our encoding."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    ours = text_encoder()
+    state = single_file_state(ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()), ours)
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                                         projection_dim=64)
+    theirs = transformers.CLIPTextModel(config).eval()
+    converted = convert_open_clip_checkpoint(theirs, state)
+    converted.pop("text_projection.weight", None)  # only CLIPTextModelWithProjection has a projection
+    # transformers 5 dropped the `text_model.` level of CLIPTextModel that diffusers' converter still names
+    result = theirs.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=False)
+    assert not result.missing_keys and set(result.unexpected_keys) <= {"embeddings.position_ids"}, result
+    tokens = ours.tokenize(["a red circle", "two squares on blue"])
+    with torch.no_grad():
+        out = theirs(input_ids=tokens, output_hidden_states=True)
+        expected = theirs.final_layer_norm(out.hidden_states[-2])
+        got = ours(tokens).tokens
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_written_from_diffusers_weights_imports_to_the_same_functions(tmp_path: Path) -> None:
+    unet, vae = diffusers_unet(), diffusers_vae()
+    path = released(tmp_path / "sd2-tiny.safetensors", ours_unet(unet), ours_autoencoder(vae), text_encoder())
+    with pytest.raises(ValueError, match="do not split into 64-channel heads.*head_channels=N"):
+        load_single_file(path, prediction="v")  # SD 2.x's 64-channel heads do not fit 32-wide levels
+    loaded = load_single_file(path, prediction="v", head_channels=16)
+    assert loaded.version == "v2" and loaded.prediction == "v"
+    assert float(loaded.autoencoder.latent_scale) == pytest.approx(SD_LATENT_SCALE)  # the format's, not measured
+    g = torch.Generator().manual_seed(3)
+    x, context, z = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g), \
+        torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        expected, got = unet(x, torch.tensor([5, 900]), context).sample, loaded.backbone(x, torch.tensor([5, 900]),
+                                                                                        context)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.autoencoder.decode(z), vae.decode(z).sample, rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 0.1
+
+
+def test_ours_to_file_to_ours_is_bit_exact(tmp_path: Path) -> None:
+    unet, vae, text = ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()), text_encoder()
+    path = save_single_file(tmp_path / "model.safetensors", unet, vae, text, prediction="eps", resolution=32)
+    _, metadata = read_single_file(path)
+    assert metadata["modelspec.prediction_type"] == "epsilon"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-512"
+    loaded = load_single_file(path)  # heads, prediction and text model from the header: no arguments
+    assert loaded.prediction == "eps" and loaded.version == "v2"
+    for ours, back in ((unet, loaded.backbone), (vae, loaded.autoencoder), (text, loaded.text_encoder)):
+        a, b = ours.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.backbone.config == unet.config
+    assert loaded.text_encoder_config["model_name"] == "ldm-tiny-text"
+
+
+def test_a_weights_only_ckpt_reads_like_the_safetensors(tmp_path: Path) -> None:
+    unet, vae = ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae())
+    torch.save({"state_dict": single_file_state(unet, vae), "global_step": 10}, tmp_path / "model.ckpt")
+    loaded = load_single_file(tmp_path / "model.ckpt", prediction="v", head_channels=16)
+    assert all(torch.equal(v, loaded.backbone.state_dict()[k]) for k, v in unet.state_dict().items())
+    assert loaded.text_encoder is None
+
+
+# -------------------------------------------------------------------------------------------------------
+# Bad input
+# -------------------------------------------------------------------------------------------------------
+
+
+def test_a_file_of_another_layout_names_what_was_expected(tmp_path: Path) -> None:
+    save_file(dict(diffusers_unet().state_dict()), str(tmp_path / "diffusers_unet.safetensors"))
+    with pytest.raises(ValueError, match=r"Unknown checkpoint layout: expected .*'model.diffusion_model.'.*"
+                                         r"'first_stage_model.'.*found top-level names \['conv_in', 'conv_norm_out'"):
+        load_single_file(tmp_path / "diffusers_unet.safetensors")
+
+
+def test_a_unet_that_does_not_match_the_requested_config(tmp_path: Path) -> None:
+    path = released(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()))
+    with pytest.raises(ValueError, match=r"does not match the requested config: model_channels: asked 320, file has "
+                                         r"32, channel_mult: asked \[1, 2, 4, 4\], file has \[1, 2\]"):
+        load_single_file(path, prediction="v", head_channels=16,
+                         backbone=dict(model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=64))
+
+
+def test_truncated_and_pickled_files_are_refused(tmp_path: Path) -> None:
+    path = released(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()))
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        load_single_file(tmp_path / "cut.safetensors")
+    torch.save({"state_dict": {}, "hook": torch.nn.Linear(1, 1)}, tmp_path / "code.ckpt")  # a module: needs pickle
+    with pytest.raises(ValueError, match="could not be read as a weights-only torch checkpoint"):
+        load_single_file(tmp_path / "code.ckpt")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+        load_single_file(tmp_path / "nope.safetensors")
+
+
+def test_a_file_that_lacks_unet_weights_names_them(tmp_path: Path) -> None:
+    state = single_file_state(ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()))
+    del state[UNET_PREFIX + "output_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"]
+    save_file(state, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['output_blocks.1.1.transformer_blocks.0.attn1.to_k.weight'\]"):
+        load_single_file(tmp_path / "m.safetensors", prediction="v", head_channels=16)
+
+
+def test_what_the_layout_cannot_hold_is_refused(tmp_path: Path) -> None:
+    unet, vae = ours_unet(diffusers_unet(norm_num_groups=8)), ours_autoencoder(diffusers_vae())
+    vae.set_latent_stats(scale=0.5)
+    with pytest.raises(ValueError, match=r"the UNet has norm_groups=8; the layout fixes 32; the autoencoder's latent "
+                                         r"scale is 0.5 .*latent_scale_check=False"):
+        save_single_file(tmp_path / "m.safetensors", unet, vae, prediction="v")
+    with pytest.raises(ValueError, match="prediction must be 'eps' or 'v'"):
+        save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), vae, prediction="flow",
+                         latent_scale_check=False)
+
+
+def test_a_prediction_that_contradicts_the_file_is_refused(tmp_path: Path) -> None:
+    path = save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()),
+                            prediction="v")
+    with pytest.raises(ValueError, match="prediction=eps was asked for, but .* says its UNet predicts v"):
+        load_single_file(path, prediction="eps")
+
+
+def test_sd1_text_towers_need_the_clip_converter(tmp_path: Path) -> None:
+    """SD 1.x files keep transformers' CLIP names; until `clip_text_to_openclip` exists the import says so."""
+    transformers = pytest.importorskip("transformers")
+    unet = ours_unet(diffusers_unet())
+    clip = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)), 4)
+    state = {**single_file_state(unet, ours_autoencoder(diffusers_vae())),
+             **{"cond_stage_model.transformer.text_model." + k: v.contiguous() for k, v in clip.state_dict().items()}}
+    save_file(state, str(tmp_path / "sd1.safetensors"))
+    try:
+        from ldm.models.text_encoder.convert import clip_text_to_openclip  # noqa: F401
+    except ImportError:
+        with pytest.raises(NotImplementedError, match="clip_text_to_openclip"):
+            load_single_file(tmp_path / "sd1.safetensors", head_channels=16)
+    else:
+        loaded = load_single_file(tmp_path / "sd1.safetensors", head_channels=16)
+        assert loaded.version == "v1" and loaded.prediction == "eps" and loaded.text_encoder.layer == "last"
