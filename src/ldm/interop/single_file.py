@@ -249,7 +249,7 @@ def sd1_text_encoder(config: Mapping[str, Any], state: Mapping[str, Tensor]) -> 
         from ldm.models.text_encoder.convert import clip_text_to_openclip  # type: ignore[import-not-found]
     except ImportError as error:
         raise NotImplementedError(
-            "SD 1.x text towers (transformers CLIP layout under cond_stage_model.transformer.) need "
+            "CLIP text towers in transformers' layout (SD 1.x single files, diffusers text_encoder/ folders) need "
             "ldm.models.text_encoder.convert.clip_text_to_openclip, which this installation lacks") from error
     return clip_text_to_openclip(config, state)
 
