@@ -19,7 +19,7 @@ from ldm.conf import CONF_DIR
 from ldm.diffusion.parameterization import denoise
 from ldm.inference.loading import backbone_weights, load_pipeline
 from ldm.interop.importing import diffusers_unet_and_vae, from_diffusers, import_weights
-from ldm.interop.single_file import single_file_state
+from ldm.interop.single_file import export_single_file, load_single_file, single_file_state
 from ldm.models.autoencoder.export import load_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +199,9 @@ def test_sd2_finetune_trains_from_the_import_and_samples(imported: Path, shapes_
         sample_cfg = compose("sample", overrides=[f"ckpt={ckpt}", "prompt=a red circle", "num_images=1", "steps=2",
                                                   "sampler=ddim", f"out_dir={tmp_path / 'samples'}", "device=cpu"])
     assert len(run(sample_cfg)) == 1
+    # and out again, for ComfyUI / A1111: the EMA weights in the single file, v from the run's process
+    single = export_single_file(ckpt, tmp_path / "sd2-tiny-ft.safetensors")
+    back = load_single_file(single)
+    assert back.prediction == "v" and back.metadata["modelspec.resolution"] == "32x32"
+    ema = load_pipeline(ckpt).backbone.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in back.backbone.state_dict().items())

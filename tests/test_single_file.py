@@ -187,6 +187,25 @@ def test_what_the_layout_cannot_hold_is_refused(tmp_path: Path) -> None:
                          latent_scale_check=False)
 
 
+def test_a_process_other_tools_would_sample_wrongly_is_refused() -> None:
+    from ldm.diffusion.parameterization import EpsPrediction, FlowPrediction, VPrediction
+    from ldm.diffusion.process import DiffusionProcess
+    from ldm.diffusion.schedules import CosineSchedule, RectifiedFlow, ScaledLinearSchedule
+    from ldm.diffusion.shift import TimestepShift
+    from ldm.interop.single_file import sd_prediction
+
+    sd = ScaledLinearSchedule()
+    assert sd_prediction(DiffusionProcess(sd, VPrediction(sd))) == "v"
+    assert sd_prediction(DiffusionProcess(sd, EpsPrediction(sd))) == "eps"
+    with pytest.raises(ValueError, match=r"the schedule is CosineSchedule.*not SD's scaled-linear"):
+        sd_prediction(DiffusionProcess(CosineSchedule(), VPrediction(CosineSchedule())))
+    zsnr = ScaledLinearSchedule(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="zero terminal SNR included"):
+        sd_prediction(DiffusionProcess(zsnr, VPrediction(zsnr)))
+    with pytest.raises(ValueError, match=r"RectifiedFlow.*timestep shift.*predicts with FlowPrediction"):
+        sd_prediction(DiffusionProcess(RectifiedFlow(), FlowPrediction(), TimestepShift(shift=3.0)))
+
+
 def test_a_prediction_that_contradicts_the_file_is_refused(tmp_path: Path) -> None:
     path = save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()),
                             prediction="v")

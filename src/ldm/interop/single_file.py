@@ -356,6 +356,42 @@ def save_single_file(path: str | Path, backbone: UNet, autoencoder: AutoencoderK
     return path
 
 
+def sd_prediction(process: Any) -> Prediction:
+    """What a `DiffusionProcess` of SD's kind predicts; refused, naming what differs, when ComfyUI and A1111 would
+    sample it with another process than it was trained on (they assume SD's scaled-linear betas, 1000 steps)."""
+    from ldm.diffusion.parameterization import EpsPrediction, VPrediction
+    from ldm.diffusion.schedules import DiscreteSchedule, ScaledLinearSchedule
+
+    problems = []
+    schedule, sd = process.base_schedule, ScaledLinearSchedule()
+    if not (isinstance(schedule, DiscreteSchedule) and schedule.num_timesteps == sd.num_timesteps
+            and torch.allclose(schedule.betas, sd.betas)):
+        problems.append(f"the schedule is {process.describe()['schedule']}, not SD's scaled-linear betas "
+                        "0.00085..0.012 over 1000 steps (zero terminal SNR included)")
+    if process.shift.for_resolution(64, 64, process.patch_size) != 0:
+        problems.append(f"the process has a timestep shift ({process.shift})")
+    kind = {EpsPrediction: "eps", VPrediction: "v"}.get(type(process.parameterization))
+    if kind is None:
+        problems.append(f"the network predicts with {type(process.parameterization).__name__}; SD files hold eps or "
+                        "v models")
+    if problems:
+        raise ValueError("Cannot write an SD single file that other tools sample correctly: " + "; ".join(problems)
+                         + ".")
+    return kind  # type: ignore[return-value]
+
+
+def export_single_file(ckpt: str | Path, out: str | Path, *, ema: bool | None = None,
+                       latent_scale_check: bool = True) -> Path:
+    """A stage-2 `.ckpt` or pipeline export of ours -> one SD single file (`save_single_file`), EMA weights by
+    default; the prediction type comes from the model's process, which must be SD's."""
+    from ldm.inference.loading import load_pipeline
+
+    pipeline = load_pipeline(ckpt, ema=ema)
+    return save_single_file(out, pipeline.backbone, pipeline.autoencoder, pipeline.text_encoder,
+                            prediction=sd_prediction(pipeline.process), resolution=pipeline.default_size,
+                            title=Path(out).stem, latent_scale_check=latent_scale_check)
+
+
 def read_single_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A single file's tensors and header metadata: `.safetensors`, or a `.ckpt` read with `weights_only=True`."""
     path = Path(path)
