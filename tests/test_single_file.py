@@ -230,3 +230,36 @@ def test_sd1_text_towers_need_the_clip_converter(tmp_path: Path) -> None:
     else:
         loaded = load_single_file(tmp_path / "sd1.safetensors", head_channels=16)
         assert loaded.version == "v1" and loaded.prediction == "eps" and loaded.text_encoder.layer == "last"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_real_sd_geometries_map_like_diffusers(version: str) -> None:
+    """SD 1.5's and SD 2.x's full-size UNet and VAE, on the meta device (no memory): diffusers' converter reads our
+    export's key names and shapes into exactly its own model's, and the shapes alone give back our preset."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import UNet2DConditionModel
+    from test_unet_parity import SD1_CONFIG, SD2_CONFIG
+
+    from ldm.interop.single_file import autoencoder_to_compvis, unet_kwargs_from_compvis, unet_to_compvis
+    from ldm.models.autoencoder.kl import PRESETS, AutoencoderKL
+    from ldm.models.unet.convert import unet_kwargs_from_diffusers_config
+    from ldm.models.unet.unet import UNet
+
+    config = SD2_CONFIG if version == "v2" else SD1_CONFIG
+    with torch.device("meta"):
+        theirs, vae = UNet2DConditionModel(**config), DiffusersAutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        kwargs = unet_kwargs_from_diffusers_config(theirs.config)
+        ours, ours_vae = UNet(**kwargs), AutoencoderKL(**PRESETS["kl_f8_c4"])
+    compvis = unet_to_compvis(ours.state_dict())
+    rebuilt = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in compvis.items()}, dict(theirs.config))
+    assert {k: tuple(v.shape) for k, v in rebuilt.items()} == {k: tuple(v.shape) for k, v in
+                                                              theirs.state_dict().items()}
+    assert len(rebuilt) == len(compvis)  # no key of ours left behind (the converter skips what it does not know)
+    inferred = unet_kwargs_from_compvis(compvis, version=version)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in inferred.items()} == kwargs
+    vae_compvis = {VAE_PREFIX + k: v for k, v in autoencoder_to_compvis(ours_vae.state_dict()).items()}
+    rebuilt = convert_ldm_vae_checkpoint(vae_compvis, dict(vae.config))
+    assert {k: tuple(v.shape) for k, v in rebuilt.items()} == {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert len(rebuilt) == len(vae_compvis)
