@@ -168,6 +168,18 @@ def test_a_diffusers_folder_missing_a_part_names_it(release: dict, tmp_path: Pat
         diffusers_unet_and_vae(release["folder"], prediction="eps")
 
 
+def test_a_backbone_config_that_reads_the_weights_differently_is_refused(imported: Path) -> None:
+    """Weights that fit by shape but not by function (the import has 32 GroupNorm groups, unet_tiny 8)."""
+    import hydra
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=sd2_finetune", f"model.init_from={imported}",
+                                          "model/backbone=unet_tiny", "model/text_encoder=tiny"])
+    with pytest.raises(Exception, match=r"was trained as another UNet \(recorded -> this run\): norm_groups: 32 -> 8\. "
+                                        r"The weights fit by shape .* set model.backbone.norm_groups=32"):
+        hydra.utils.instantiate(cfg.model)
+
+
 # -------------------------------------------------------------------------------------------------------
 # Fine-tuning: experiment=sd2_finetune from the import, at toy size
 # -------------------------------------------------------------------------------------------------------

@@ -76,6 +76,18 @@ def backbone_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[st
     return {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}, "raw"
 
 
+def recorded_backbone(path: str | Path) -> dict[str, Any] | None:
+    """The backbone config (`_target_` + constructor arguments) a stage-2 `.ckpt` or pipeline export records; None
+    for files from before checkpoints recorded it."""
+    path = Path(path)
+    if path.is_dir():
+        card = OmegaConf.load(path / EXPORT_CARD) if (path / EXPORT_CARD).is_file() else None
+        node = OmegaConf.select(card, "model.backbone") if card is not None else None
+        return OmegaConf.to_container(node, resolve=True) if node is not None else None  # type: ignore[return-value]
+    ckpt = upgrade_stage2_checkpoint(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    return ckpt.get("ldm", {}).get("backbone")
+
+
 def locate_autoencoder(model_cfg: DictConfig, run_config: Path | None, trained_with: str | None,
                        override: str | Path | None = None) -> Path:
     """The stage-1 autoencoder to sample a stage-2 checkpoint with.
