@@ -13,6 +13,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ldm.interop.single_file import export_single_file
 from ldm.utils.argv import KEY_VALUE_EPILOG, parse_args
 
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="stage-2 .ckpt or pipeline export folder")
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     parser.add_argument("--raw", action="store_true", help="the raw backbone weights instead of the EMA")
+    parser.add_argument("--half", action="store_true", help="store fp16 tensors (half the size, as released files)")
     parser.add_argument("--allow-other-latent-scale", action="store_true",
                         help="write an autoencoder whose latent scale is not SD's 0.18215 (other tools will assume it)")
     return parser
@@ -33,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out.suffix != ".safetensors":
         raise SystemExit(f"out={args.out}: the single file is written as .safetensors")
     out = export_single_file(args.ckpt, args.out, ema=False if args.raw else None,
-                             latent_scale_check=not args.allow_other_latent_scale)
+                             latent_scale_check=not args.allow_other_latent_scale,
+                             dtype=torch.float16 if args.half else None)
     print(f"wrote {out}: put it in ComfyUI's models/checkpoints or A1111's models/Stable-diffusion")
 
 

@@ -127,6 +127,28 @@ def test_ours_to_file_to_ours_is_bit_exact(tmp_path: Path) -> None:
     assert loaded.text_encoder_config["model_name"] == "ldm-tiny-text"
 
 
+def test_the_ema_copy_of_a_training_checkpoint_is_taken_by_default(tmp_path: Path) -> None:
+    unet, vae = ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae())
+    state = single_file_state(unet, vae)
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v * 2 for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    torch.save({"state_dict": {**state, **ema, "model_ema.num_updates": torch.tensor(10)}}, tmp_path / "train.ckpt")
+    default = load_single_file(tmp_path / "train.ckpt", prediction="eps", head_channels=16).backbone.state_dict()
+    raw = load_single_file(tmp_path / "train.ckpt", prediction="eps", head_channels=16, ema=False).backbone.state_dict()
+    assert all(torch.equal(default[k], 2 * v) and torch.equal(raw[k], v) for k, v in unet.state_dict().items())
+    with pytest.raises(ValueError, match="holds no model_ema"):
+        load_single_file(released(tmp_path / "m.safetensors", unet, vae), prediction="eps", head_channels=16, ema=True)
+
+
+def test_half_precision_files_load_into_fp32_models(tmp_path: Path) -> None:
+    unet, vae = ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae())
+    path = save_single_file(tmp_path / "m.safetensors", unet, vae, prediction="eps", dtype=torch.float16)
+    state, _ = read_single_file(path)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    back = load_single_file(path).backbone.state_dict()
+    assert all(back[k].dtype == torch.float32 and torch.equal(back[k], v.half().float())
+               for k, v in unet.state_dict().items())
+
+
 def test_a_weights_only_ckpt_reads_like_the_safetensors(tmp_path: Path) -> None:
     unet, vae = ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae())
     torch.save({"state_dict": single_file_state(unet, vae), "global_step": 10}, tmp_path / "model.ckpt")

@@ -323,12 +323,13 @@ def check_exportable(backbone: Any, autoencoder: AutoencoderKL, text_encoder: Op
 def save_single_file(path: str | Path, backbone: UNet, autoencoder: AutoencoderKL,
                      text_encoder: OpenCLIPTextEncoder | None = None, *, prediction: Prediction,
                      resolution: int | None = None, title: str | None = None,
-                     latent_scale_check: bool = True) -> Path:
+                     latent_scale_check: bool = True, dtype: torch.dtype | None = None) -> Path:
     """Write our parts as one SD 2.x-layout `.safetensors` (ComfyUI's "Load Checkpoint", A1111's models folder).
 
     Args:
         prediction: what the UNet predicts, "eps" or "v" (the file's `modelspec.prediction_type`).
         latent_scale_check: refuse an autoencoder whose latent scale is not SD's 0.18215 (other tools assume it).
+        dtype: store the tensors in this type (torch.float16 halves the file, as released SD files are).
     """
     from safetensors.torch import save_file
 
@@ -336,6 +337,8 @@ def save_single_file(path: str | Path, backbone: UNet, autoencoder: AutoencoderK
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
     check_exportable(backbone, autoencoder, text_encoder, latent_scale=latent_scale_check)
     state = single_file_state(backbone, autoencoder, text_encoder)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     v2 = text_encoder is not None or backbone.config["context_dim"] == 1024
     architecture = ("stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512") if v2 \
         else "stable-diffusion-v1"
@@ -381,7 +384,7 @@ def sd_prediction(process: Any) -> Prediction:
 
 
 def export_single_file(ckpt: str | Path, out: str | Path, *, ema: bool | None = None,
-                       latent_scale_check: bool = True) -> Path:
+                       latent_scale_check: bool = True, dtype: torch.dtype | None = None) -> Path:
     """A stage-2 `.ckpt` or pipeline export of ours -> one SD single file (`save_single_file`), EMA weights by
     default; the prediction type comes from the model's process, which must be SD's."""
     from ldm.inference.loading import load_pipeline
@@ -389,7 +392,7 @@ def export_single_file(ckpt: str | Path, out: str | Path, *, ema: bool | None = 
     pipeline = load_pipeline(ckpt, ema=ema)
     return save_single_file(out, pipeline.backbone, pipeline.autoencoder, pipeline.text_encoder,
                             prediction=sd_prediction(pipeline.process), resolution=pipeline.default_size,
-                            title=Path(out).stem, latent_scale_check=latent_scale_check)
+                            title=Path(out).stem, latent_scale_check=latent_scale_check, dtype=dtype)
 
 
 def read_single_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -415,6 +418,21 @@ def read_single_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
     return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}, {}
+
+
+def ema_unet(state: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """The EMA UNet of an unpruned CompVis training checkpoint (keys without prefix), None when it has none. Its
+    `LitEma` names `model.diffusion_model.a.b.c` as `model_ema.diffusion_modelabc` (dots dropped)."""
+    if sum(k.startswith("model_ema.") for k in state) < 100:  # `num_updates` and `decay` alone are no copy
+        return None
+    flat = {}
+    for key in state:
+        if key.startswith(UNET_PREFIX):
+            name = "model_ema." + "".join(key.split(".")[1:])
+            if name not in state:
+                raise ValueError(f"the checkpoint's EMA copy lacks {name} (for {key})")
+            flat[key[len(UNET_PREFIX):]] = state[name]
+    return flat
 
 
 def detect_version(state: Mapping[str, Tensor]) -> Version:
@@ -446,7 +464,7 @@ def detect_prediction(state: Mapping[str, Tensor], metadata: Mapping[str, str], 
 
 def load_single_file(path: str | Path, *, prediction: Prediction | None = None, num_heads: int | None = None,
                      head_channels: int | None = None, backbone: Mapping[str, Any] | None = None,
-                     text_model: str | None = None) -> SingleFile:
+                     text_model: str | None = None, ema: bool | None = None) -> SingleFile:
     """An SD 1.x/2.x single file -> our UNet, autoencoder and text encoder, with what the file tells about itself.
 
     Args:
@@ -455,6 +473,8 @@ def load_single_file(path: str | Path, *, prediction: Prediction | None = None, 
             convention of the detected version, or what our own export recorded).
         backbone: the UNet config the file must fit (e.g. a run's `model.backbone`): a mismatch is refused by name.
         text_model: the open_clip architecture of the text tower (default: the registered one its shapes match).
+        ema: a training checkpoint with `model_ema.*` copies: True requires them, False takes the raw UNet, None
+            takes the EMA copy when there is one (released "-ema" files hold only the EMA weights, as the raw ones).
     """
     state, metadata = read_single_file(path)
     version = detect_version(state)
@@ -462,6 +482,11 @@ def load_single_file(path: str | Path, *, prediction: Prediction | None = None, 
     if prediction is not None and found is not None and prediction != found:
         raise ValueError(f"prediction={prediction} was asked for, but {path} says its UNet predicts {found}")
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    averaged = ema_unet(state)
+    if ema and averaged is None:
+        raise ValueError(f"{path} holds no model_ema.* weights; pass ema=false (or leave it unset) for its UNet")
+    if averaged is not None and ema is not False:
+        unet_sd = averaged
     recorded = json.loads(metadata["ldm.backbone"]) if "ldm.backbone" in metadata else {}
     if recorded and num_heads is None and head_channels is None:
         num_heads, head_channels = recorded.get("num_heads"), recorded.get("head_channels")
