@@ -185,6 +185,7 @@ def test_a_backbone_config_that_reads_the_weights_differently_is_refused(importe
 # -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~5 s
 def test_sd2_finetune_trains_from_the_import_and_samples(imported: Path, shapes_root: Path, tmp_path: Path) -> None:
     from ldm.cli.sample import run
     from ldm.cli.train import train

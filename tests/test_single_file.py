@@ -1,4 +1,4 @@
-"""The SD single-file layout (`ldm.interop.single_file`): diffusers' own single-file converters are the oracle for
+"""The SD single-file layout (`ldm.interop.single_file`, key maps in `ldm.interop.compvis`): diffusers' own single-file converters are the oracle for
 our export, a file written from random diffusers weights imports to the same functions, ours -> file -> ours is
 bit-exact, and what the layout cannot hold (or a file that is not one) is refused by name."""
 
@@ -262,7 +262,7 @@ def test_real_sd_geometries_map_like_diffusers(version: str) -> None:
     from diffusers import UNet2DConditionModel
     from test_unet_parity import SD1_CONFIG, SD2_CONFIG
 
-    from ldm.interop.single_file import autoencoder_to_compvis, unet_kwargs_from_compvis, unet_to_compvis
+    from ldm.interop.compvis import autoencoder_to_compvis, unet_kwargs_from_compvis, unet_to_compvis
     from ldm.models.autoencoder.kl import PRESETS, AutoencoderKL
     from ldm.models.unet.convert import unet_kwargs_from_diffusers_config
     from ldm.models.unet.unet import UNet

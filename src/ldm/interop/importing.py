@@ -136,7 +136,7 @@ def from_diffusers(folder: str | Path, *, prediction: Prediction | None = None, 
 def diffusers_text_encoder(folder: Path) -> tuple[OpenCLIPTextEncoder, dict[str, Any]]:
     """A diffusers `text_encoder/` (transformers `CLIPTextModel`) as our OpenCLIP text encoder, through
     `ldm.models.text_encoder.convert.clip_text_to_openclip` (another branch of issue 14)."""
-    from ldm.interop.single_file import _build_text, match_openclip_model, sd1_text_encoder
+    from ldm.interop.compvis import build_text_encoder, match_openclip_model, sd1_text_encoder
 
     config, state = read_diffusers_folder(folder) if any(folder.glob("diffusion_pytorch_model*")) else \
         _read_transformers_folder(folder)
@@ -145,7 +145,8 @@ def diffusers_text_encoder(folder: Path) -> tuple[OpenCLIPTextEncoder, dict[str,
                                  "embed_dim": text_cfg.get("embed_dim", text_cfg.get("width"))},
                                 quick_gelu=config.get("hidden_act") == "quick_gelu")
     encoder_cfg = dict(model_name=name, pretrained=None, layer="last", freeze=True)
-    return _build_text(encoder_cfg, {k.removeprefix("text."): v for k, v in text_state.items()}, folder), encoder_cfg
+    tower = {k.removeprefix("text."): v for k, v in text_state.items()}
+    return build_text_encoder(encoder_cfg, tower, folder), encoder_cfg
 
 
 def _read_transformers_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
