@@ -68,6 +68,25 @@ def test_vae_export_is_what_diffusers_single_file_converter_reads() -> None:
         assert torch.equal(rebuilt[key], value), key
 
 
+def test_diffusers_from_single_file_loads_our_file_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public route users load a ComfyUI/A1111 checkpoint with in diffusers (`from_single_file`, offline with a
+    local config folder): bit for bit the diffusers models our file was made from."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unet, vae = diffusers_unet(), diffusers_vae()
+    unet.save_pretrained(tmp_path / "config" / "unet")
+    vae.save_pretrained(tmp_path / "config" / "vae")
+    path = save_single_file(tmp_path / "m.safetensors", ours_unet(unet), ours_autoencoder(vae), text_encoder(),
+                            prediction="v")
+    for cls, theirs, part in ((UNet2DConditionModel, unet, "unet"), (DiffusersAutoencoderKL, vae, "vae")):
+        loaded = cls.from_single_file(str(path), config=str(tmp_path / "config"), subfolder=part,
+                                      local_files_only=True).state_dict()
+        assert loaded.keys() == theirs.state_dict().keys()
+        assert all(torch.equal(loaded[k], v) for k, v in theirs.state_dict().items())
+
+
 def test_openclip_text_export_gives_diffusers_sd2_text_encoder_the_same_states() -> None:
     """diffusers reads an SD 2.x file's OpenCLIP tower into a transformers CLIPTextModel: the penultimate layer after
     the final norm must be our encoding."""
