@@ -32,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default SD 1.x's 8), for UNets other than SD's")
     parser.add_argument("--head-channels", type=int, default=None, help="single files: channels per attention head "
                         "(default SD 2.x's 64)")
+    parser.add_argument("--raw", action="store_true", help="single files with model_ema.* copies (unpruned training "
+                        "checkpoints): the raw UNet instead of its EMA")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
-    heads = {k: v for k, v in (("num_heads", args.num_heads), ("head_channels", args.head_channels)) if v is not None}
+    heads: dict = {k: v for k, v in (("num_heads", args.num_heads), ("head_channels", args.head_channels)) if v is not None}
+    if args.raw:
+        heads["ema"] = False
     out = import_weights(args.source, args.out, prediction=args.prediction, resolution=args.resolution, **heads)
     print(f"imported to {out}; sample with: python scripts/sample.py ckpt={out} prompt=\"...\"; fine-tune with: "
           f"python train.py experiment=sd2_finetune model.init_from={out} data.train_shards=...")
