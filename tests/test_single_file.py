@@ -223,6 +223,9 @@ def test_what_the_layout_cannot_hold_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the UNet has norm_groups=8; the layout fixes 32; the autoencoder's latent "
                                          r"scale is 0.5 .*latent_scale_check=False"):
         save_single_file(tmp_path / "m.safetensors", unet, vae, prediction="v")
+    path = save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), vae, prediction="v",
+                            latent_scale_check=False)  # on request: our scale travels in the header
+    assert float(load_single_file(path).autoencoder.latent_scale) == 0.5
     with pytest.raises(ValueError, match="prediction must be 'eps' or 'v'"):
         save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), vae, prediction="flow",
                          latent_scale_check=False)

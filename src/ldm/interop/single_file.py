@@ -69,10 +69,10 @@ class SingleFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def single_file_state(backbone: UNet, autoencoder: AutoencoderKL,
-                      text_encoder: OpenCLIPTextEncoder | None = None) -> dict[str, Tensor]:
+def single_file_state(backbone: UNet, autoencoder: AutoencoderKL, text_encoder: OpenCLIPTextEncoder | None = None,
+                      *, latent_scale_check: bool = True) -> dict[str, Tensor]:
     """Our parts -> one state dict in the CompVis single-file layout (SD 2.x text tower: open_clip keys)."""
-    check_exportable(backbone, autoencoder, text_encoder)
+    check_exportable(backbone, autoencoder, text_encoder, latent_scale=latent_scale_check)
     sd = {UNET_PREFIX + k: v for k, v in unet_to_compvis(backbone.state_dict()).items()}
     sd.update({VAE_PREFIX + k: v for k, v in autoencoder_to_compvis(autoencoder.state_dict()).items()})
     if text_encoder is not None:
@@ -120,8 +120,7 @@ def save_single_file(path: str | Path, backbone: UNet, autoencoder: AutoencoderK
 
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-    check_exportable(backbone, autoencoder, text_encoder, latent_scale=latent_scale_check)
-    state = single_file_state(backbone, autoencoder, text_encoder)
+    state = single_file_state(backbone, autoencoder, text_encoder, latent_scale_check=latent_scale_check)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     v2 = text_encoder is not None or backbone.config["context_dim"] == 1024
