@@ -189,7 +189,12 @@ def test_a_file_of_another_layout_names_what_was_expected(tmp_path: Path) -> Non
 
 
 def test_a_unet_that_does_not_match_the_requested_config(tmp_path: Path) -> None:
-    path = released(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), ours_autoencoder(diffusers_vae()))
+    unet = ours_unet(diffusers_unet())
+    path = released(tmp_path / "m.safetensors", unet, ours_autoencoder(diffusers_vae()))
+    from omegaconf import OmegaConf
+
+    fits = load_single_file(path, prediction="v", backbone=OmegaConf.create(unet.config))  # heads from the config
+    assert fits.backbone.config == unet.config
     with pytest.raises(ValueError, match=r"does not match the requested config: model_channels: asked 320, file has "
                                          r"32, channel_mult: asked \[1, 2, 4, 4\], file has \[1, 2\]"):
         load_single_file(path, prediction="v", head_channels=16,

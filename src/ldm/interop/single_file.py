@@ -13,7 +13,7 @@ latent statistics) is written into the safetensors header: the SAI model-spec ke
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -271,8 +271,9 @@ def load_single_file(path: str | Path, *, prediction: Prediction | None = None, 
         raise ValueError(f"{path} holds no model_ema.* weights; pass ema=false (or leave it unset) for its UNet")
     if averaged is not None and ema is not False:
         unet_sd = averaged
-    recorded = json.loads(metadata["ldm.backbone"]) if "ldm.backbone" in metadata else {}
-    if recorded and num_heads is None and head_channels is None:
+    # The heads, in order: the caller's, the requested config's, our own export's record, else SD's convention.
+    recorded = backbone or (json.loads(metadata["ldm.backbone"]) if "ldm.backbone" in metadata else {})
+    if num_heads is None and head_channels is None:
         num_heads, head_channels = recorded.get("num_heads"), recorded.get("head_channels")
     kwargs = unet_kwargs_from_compvis(unet_sd, version=version, num_heads=num_heads, head_channels=head_channels)
     if backbone is not None:
@@ -325,5 +326,4 @@ def _load_text(state: Mapping[str, Tensor], metadata: Mapping[str, str], version
 
 
 def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(value, str) \
-        else value
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value  # tuple, ListConfig
