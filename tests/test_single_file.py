@@ -312,3 +312,14 @@ def test_real_sd_geometries_map_like_diffusers(version: str) -> None:
     rebuilt = convert_ldm_vae_checkpoint(vae_compvis, dict(vae.config))
     assert {k: tuple(v.shape) for k, v in rebuilt.items()} == {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     assert len(rebuilt) == len(vae_compvis)
+
+
+def test_released_text_towers_match_their_open_clip_architecture() -> None:
+    from ldm.interop.compvis import match_openclip_model
+
+    sizes = dict(context_length=77, vocab_size=49408)
+    assert match_openclip_model(dict(sizes, width=1024, layers=24, embed_dim=1024)) == "ViT-H-14"  # SD 2.x
+    assert match_openclip_model(dict(sizes, width=768, layers=12, embed_dim=768), quick_gelu=True) \
+        == "ViT-L-14-quickgelu"  # SD 1.x's OpenAI CLIP
+    with pytest.raises(ValueError, match="no registered open_clip architecture has a text tower of .*'width': 96"):
+        match_openclip_model(dict(sizes, width=96, layers=3, embed_dim=96))

@@ -206,10 +206,11 @@ def openclip_text_config(state: Mapping[str, Tensor]) -> dict[str, int]:
 
 
 def match_openclip_model(text_cfg: Mapping[str, Any], quick_gelu: bool = False) -> str:
-    """The registered open_clip architecture whose text tower has these sizes (and activation): ViT-H-14 for SD 2.x.
-    Heads are not in the shapes; every registered tower of one width shares its head count, so the match fixes them."""
+    """The registered open_clip architecture whose text tower has these sizes (and activation): ViT-H-14 for SD 2.x,
+    ViT-L-14-quickgelu for SD 1.x's CLIP. Heads are not in the shapes: the first match, SD's towers first, fixes them
+    (open_clip's towers of one width share a head count)."""
     register_config_dir(CONFIG_DIR)
-    preferred = ["ViT-H-14", "ViT-L-14", "ViT-bigG-14", "ViT-B-32", "ldm-tiny-text"]
+    preferred = ["ViT-H-14", "ViT-L-14-quickgelu", "ViT-L-14", "ViT-bigG-14", "ViT-B-32", "ldm-tiny-text"]
     names = [n for n in preferred if n in open_clip.list_models()] + sorted(open_clip.list_models())
     for name in dict.fromkeys(names):
         cfg = open_clip.get_model_config(name)
