@@ -228,6 +228,12 @@ def test_what_the_layout_cannot_hold_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the UNet has norm_groups=8; the layout fixes 32; the autoencoder's latent "
                                          r"scale is 0.5 .*latent_scale_check=False"):
         save_single_file(tmp_path / "m.safetensors", unet, vae, prediction="v")
+    from ldm.models.dit import DiT
+
+    dit = DiT(in_channels=4, out_channels=4, hidden_size=64, depth=1, num_heads=2, patch_size=2, context_dim=64,
+              sample_size=8)
+    with pytest.raises(ValueError, match="the backbone is a DiT: the SD single file holds a UNet"):
+        save_single_file(tmp_path / "m.safetensors", dit, vae, prediction="v", latent_scale_check=False)
     path = save_single_file(tmp_path / "m.safetensors", ours_unet(diffusers_unet()), vae, prediction="v",
                             latent_scale_check=False)  # on request: our scale travels in the header
     assert float(load_single_file(path).autoencoder.latent_scale) == 0.5
