@@ -26,6 +26,7 @@ from ldm.models.autoencoder.export import (
     export_autoencoder,
     weights_hash,
 )
+from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.utils.checkpoint import read_checkpoint, upgrade_model_config, upgrade_stage2_checkpoint
 from ldm.utils.logging import get_logger
 
@@ -73,6 +74,18 @@ def backbone_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[st
     if averaged is not None and ema is not False:
         return dict(averaged[0]), f"ema ({averaged[1]} updates)"
     return {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}, "raw"
+
+
+def recorded_backbone(path: str | Path) -> dict[str, Any] | None:
+    """The backbone config (`_target_` + constructor arguments) a stage-2 `.ckpt` or pipeline export records; None
+    for files from before checkpoints recorded it."""
+    path = Path(path)
+    if path.is_dir():
+        card = OmegaConf.load(path / EXPORT_CARD) if (path / EXPORT_CARD).is_file() else None
+        node = OmegaConf.select(card, "model.backbone") if card is not None else None
+        return OmegaConf.to_container(node, resolve=True) if node is not None else None  # type: ignore[return-value]
+    ckpt = upgrade_stage2_checkpoint(read_checkpoint(path, mmap=True))
+    return ckpt.get("ldm", {}).get("backbone")
 
 
 def locate_autoencoder(model_cfg: DictConfig, run_config: Path | None, trained_with: str | None,
@@ -231,17 +244,29 @@ def export_pipeline(ckpt: str | Path, out_dir: str | Path, *, ema: bool | None =
     autoencoder = locate_autoencoder(model_cfg, run_config, trained_with, autoencoder)
     pipeline = build_pipeline(model_cfg, autoencoder=autoencoder)  # checks that every part loads
     _load_part(pipeline.backbone, states["backbone"], "backbone", ckpt)
+    parts = {k: model_cfg[k] for k in ("backbone", "text_encoder", "autoencoder", "process")}
+    return write_export(out, parts=parts, backbone=states["backbone"], text_encoder=states["text_encoder"],
+                        autoencoder=pipeline.autoencoder, resolution=(data_cfg or {}).get("resolution"),
+                        weights=weights, source=str(ckpt.resolve()))
+
+
+def write_export(out_dir: str | Path, *, parts: Mapping[str, Any], backbone: Mapping[str, torch.Tensor],
+                 text_encoder: Mapping[str, torch.Tensor] | None, autoencoder: AutoencoderKL,
+                 resolution: int | None, weights: str, source: str, **autoencoder_card: Any) -> Path:
+    """The export layout (see the module docstring) from its parts: `parts` holds the configs of `backbone`,
+    `text_encoder`, `autoencoder` (its path is set here) and `process`; `autoencoder_card` adds entries to the
+    autoencoder's card. Returns `out_dir`."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in states["backbone"].items()}, str(out / BACKBONE_FILE))
-    if states["text_encoder"] is not None:
-        save_file({k: v.contiguous() for k, v in states["text_encoder"].items()}, str(out / TEXT_FILE))
+    save_file({k: v.contiguous() for k, v in backbone.items()}, str(out / BACKBONE_FILE))
+    if text_encoder is not None:
+        save_file({k: v.contiguous() for k, v in text_encoder.items()}, str(out / TEXT_FILE))
     if (out / AUTOENCODER_DIR).exists():
         shutil.rmtree(out / AUTOENCODER_DIR)
-    export_autoencoder(pipeline.autoencoder, out / AUTOENCODER_DIR)
-    parts = {k: model_cfg[k] for k in ("backbone", "text_encoder", "autoencoder", "process")}
+    export_autoencoder(autoencoder, out / AUTOENCODER_DIR, **autoencoder_card)
+    parts = dict(parts)
     parts["autoencoder"] = OmegaConf.merge(parts["autoencoder"], {"path": AUTOENCODER_DIR})
-    parts["process"] = model_cfg.process
-    card = {"model": parts, "resolution": (data_cfg or {}).get("resolution"), "weights": weights,
-            "source": str(ckpt.resolve()), "autoencoder_sha256": weights_hash(pipeline.autoencoder)}
+    card = {"model": parts, "resolution": resolution, "weights": weights, "source": source,
+            "autoencoder_sha256": weights_hash(autoencoder)}
     OmegaConf.save(OmegaConf.create(card), out / EXPORT_CARD)
     return out

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.inference.loading import EXPORT_CARD, find_run_config, load_pipeline
@@ -26,7 +25,7 @@ from ldm.models.autoencoder.convert import autoencoder_to_diffusers, latent_norm
 from ldm.models.dit import DiT
 from ldm.models.mmdit import MMDiT
 from ldm.models.unet.unet import UNet
-from ldm.utils.checkpoint import upgrade_model_config, upgrade_stage2_checkpoint
+from ldm.utils.checkpoint import read_checkpoint, upgrade_model_config, upgrade_stage2_checkpoint
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -114,7 +113,7 @@ def read_model_config(source: str | Path, config: str | Path | None = None) -> D
             run_config = None
     if run_config is not None:
         return upgrade_model_config(OmegaConf.load(run_config).model)
-    ckpt = upgrade_stage2_checkpoint(torch.load(source, map_location="cpu", weights_only=False, mmap=True))
+    ckpt = upgrade_stage2_checkpoint(read_checkpoint(source, mmap=True))
     if "config" not in ckpt.get("ldm", {}):
         raise ValueError(f"{source} carries no config (a checkpoint from before they did): pass config=<the run's "
                          "config_resolved.yaml>")

@@ -15,14 +15,14 @@ from torch.optim.lr_scheduler import LRScheduler
 from ldm.data.latent_cache import check_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.process import DiffusionProcess
-from ldm.inference.loading import backbone_weights
+from ldm.inference.loading import backbone_weights, recorded_backbone
 from ldm.lightning.nonfinite import NonFiniteGuard
 from ldm.lightning.sharding import full_tensor, is_sharded, shard_backbone
 from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Conditioning, check_backbone
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
-from ldm.utils.checkpoint import check_architecture, upgrade_stage2_checkpoint
+from ldm.utils.checkpoint import check_architecture, config_mismatches, upgrade_stage2_checkpoint
 from ldm.utils.flops import count_flops
 from ldm.utils.logging import get_logger
 
@@ -84,7 +84,28 @@ def load_initial_weights(backbone: nn.Module, path: str, ema: bool | None = None
                          + (f"shapes differ for {wrong[:3]}" if wrong else f"missing {result.missing_keys[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
                          + ". Initialise from a run of the same backbone config.")
+    check_same_function(backbone, path)
     log.info(f"Initialised the {type(backbone).__name__} from {path} ({which} weights)")
+
+
+# May differ between a run and the weights it starts from: training-time switches, and the sequence-length settings
+# a multi-resolution recipe changes.
+_INIT_FREE = ("gradient_checkpointing", "dropout", "sample_size", "interpolation_scale", "pos_embed_max_size")
+
+
+def check_same_function(backbone: nn.Module, path: str) -> None:
+    """Weights that fit by shape can still be read by another function (GroupNorm groups, attention heads): compare
+    the backbone config `path` records with this one and name each difference."""
+    recorded = recorded_backbone(path)
+    if recorded is None:
+        return
+    current = {k: v for k, v in architecture(backbone).items() if k not in _INIT_FREE}
+    diff = config_mismatches({k: v for k, v in recorded.items() if k not in _INIT_FREE}, current)
+    if diff:
+        raise ValueError(f"model.init_from={path} was trained as another {type(backbone).__name__} (recorded -> this "
+                         f"run): {'; '.join(diff)}. The weights fit by shape but would compute something else: set "
+                         + " ".join(f"model.backbone.{d.split(':')[0]}={recorded.get(d.split(':')[0])!r}"
+                                    for d in diff if d.split(':')[0] != '_target_'))
 
 
 def architecture(backbone: nn.Module) -> dict[str, Any]:

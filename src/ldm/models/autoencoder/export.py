@@ -89,8 +89,21 @@ def _from_lightning_checkpoint(path: Path) -> AutoencoderKL:
     return model
 
 
+def _from_diffusers_folder(directory: Path) -> AutoencoderKL:
+    """A diffusers `vae/` folder, e.g. Stable Diffusion's; its `scaling_factor` (SD's 0.18215) becomes the latent
+    scale. The converter is imported here: it is only needed for this kind of folder."""
+    from ldm.models.autoencoder.convert import load_diffusers_autoencoder
+
+    kind = json.loads((directory / "config.json").read_text()).get("_class_name")
+    if kind != "AutoencoderKL":
+        raise ValueError(f"{directory}/config.json describes a diffusers {kind}, not an AutoencoderKL: pass a "
+                         "diffusers vae/ folder or an autoencoder export (autoencoder.json + autoencoder.safetensors).")
+    return load_diffusers_autoencoder(directory)
+
+
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """Load from an export directory, its `.safetensors`/`.json`, or a stage-1 Lightning `.ckpt`."""
+    """Load from an export directory, its `.safetensors`/`.json`, a stage-1 Lightning `.ckpt`, or a diffusers
+    `AutoencoderKL` folder (`vae/` of a diffusers pipeline)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Autoencoder checkpoint {path} does not exist. Train stage 1 first "
@@ -98,8 +111,11 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     if path.suffix == ".ckpt":
         return _from_lightning_checkpoint(path)
     directory = path if path.is_dir() else path.parent
+    if not (directory / CARD).is_file() and (directory / "config.json").is_file():
+        return _from_diffusers_folder(directory)
     if not (directory / CARD).is_file() or not (directory / WEIGHTS).is_file():
-        raise FileNotFoundError(f"Expected {CARD} and {WEIGHTS} in {directory}.")
+        raise FileNotFoundError(f"Expected {CARD} and {WEIGHTS} in {directory} (an autoencoder export), or a diffusers "
+                                "AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).")
     meta = json.loads((directory / CARD).read_text())
     model = AutoencoderKL(**meta["architecture"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
