@@ -12,6 +12,7 @@ The adapter file (`save_adapter`): `lora.safetensors` (peft names without the ad
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -211,3 +212,25 @@ def attach_adapter(backbone: nn.Module, path: str | Path, scale: float = 1.0, me
 def _normal(value: Any) -> Any:
     """JSON turns tuples into lists; compare configs as JSON would store them."""
     return json.loads(json.dumps(value))
+
+
+# ------------------------------------------------------------------ a LoRA run's weights
+
+
+def rebuild(state: dict[str, Tensor], backbone: dict[str, Any], lora: dict[str, Any]) -> nn.Module:
+    """The backbone of a LoRA run, adapters included, from its state dict (base weights under `.base_layer` names
+    plus adapters) and what its checkpoint records: the architecture (`ldm.backbone`) and the settings (`ldm.lora`)."""
+    module, _, name = backbone["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    net = LoRA(**lora).apply(cls(**{k: v for k, v in backbone.items() if k != "_target_"}))
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"The LoRA run's weights do not fit a {name} with adapters {lora}: missing "
+                         f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}.")
+    return net.requires_grad_(False).eval()
+
+
+def merged_weights(state: dict[str, Tensor], backbone: dict[str, Any], lora: dict[str, Any]) -> dict[str, Tensor]:
+    """A LoRA run's backbone weights with the adapters merged in, under the plain backbone's names: what sampling,
+    the exports and `model.init_from` read from such a checkpoint."""
+    return merge_lora(rebuild(state, backbone, lora)).state_dict()
