@@ -134,3 +134,15 @@ def test_rebuild_refuses_weights_of_another_architecture() -> None:
     arch = {"_target_": "ldm.models.unet.unet.UNet", **m.backbone.config, "attention_levels": [0, 1]}
     with pytest.raises(ValueError, match=r"do not fit a UNet with adapters .*missing \['down.0.attn"):
         rebuild(state, arch, LoRA(rank=4).describe())
+
+
+@pytest.mark.slow  # dynamo traces every block: ~10-20 s on 2 cores
+def test_regional_compile_wraps_the_adapted_blocks(one_thread) -> None:
+    """compile_backbone=blocks compiles each block after the adapters are in: same outputs, same checkpoint names."""
+    plain = module(LoRA(rank=4, init="random"))
+    compiled = module(LoRA(rank=4, init="random"), compile_backbone="blocks", compile_backend="eager")
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    x, c_noise, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.backbone(x, c_noise, context), plain.backbone(x, c_noise, context))
+    assert any(".lora_A." in n for n, p in compiled.backbone.named_parameters() if p.requires_grad)
