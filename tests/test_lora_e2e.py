@@ -81,3 +81,37 @@ def test_export_of_a_run_without_lora_is_refused(stage2_runs: dict[str, Path], t
 
     with pytest.raises(ValueError, match="is not a LoRA run .*model/lora=default"):
         export_main([f"ckpt={stage2_runs['ckpt']}", f"out={tmp_path}"])
+
+
+def test_the_diffusers_export_of_a_run_adds_the_same_weight_deltas_in_diffusers(
+        lora_run: Path, stage2_runs: dict[str, Path], tmp_path: Path, one_thread) -> None:
+    """format=diffusers, read by diffusers' loader into a UNet2DConditionModel twin of unet_tiny: its merged weight
+    changes, renamed by the diffusers -> ours converter, are the run's (merged LoRA run minus its base)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ldm.cli.export_lora import main as export_main
+    from ldm.models.unet.convert import convert_diffusers_unet, unet_kwargs_from_diffusers_config
+
+    export_main([f"ckpt={lora_run}", f"out={tmp_path / 'diffusers'}", "format=diffusers"])
+    run, base = load_pipeline(lora_run).backbone, load_pipeline(stage2_runs["ckpt"]).backbone
+    theirs = UNet2DConditionModel(  # unet_tiny at the quickstart's 16 latent channels: 16-channel heads
+        in_channels=16, out_channels=16, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+        use_linear_projection=True, norm_num_groups=8, cross_attention_dim=64, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    kwargs = unet_kwargs_from_diffusers_config(theirs.config)
+    assert all(tuple(v) == tuple(run.config[k]) if isinstance(v, tuple | list) else v == run.config[k]
+               for k, v in kwargs.items())
+    before = {k: v.clone() for k, v in convert_diffusers_unet(theirs.state_dict()).items()}  # merge() is in place
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path / "diffusers"))
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=theirs)
+    for module in theirs.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    after = convert_diffusers_unet({k.replace(".base_layer.", "."): v for k, v in theirs.state_dict().items()
+                                    if ".lora_" not in k})
+    ours_run, ours_base = run.state_dict(), base.state_dict()
+    changed = [k for k in ours_run if not torch.equal(ours_run[k], ours_base[k])]
+    assert changed and all(".attn" in k for k in changed)  # lora_tiny adapts attention only
+    for k in ours_run:
+        torch.testing.assert_close(after[k] - before[k], ours_run[k] - ours_base[k], atol=1e-6, rtol=0, msg=k)
