@@ -165,3 +165,26 @@ def test_bad_settings_and_undeclared_backbones_are_refused() -> None:
     with pytest.raises(ValueError, match="already carries LoRA adapters"):
         LoRA().apply(net)
     assert set(base_state_dict(net)) == set(backbone("unet_tiny").state_dict())
+
+
+def test_adapters_get_the_same_gradients_under_gradient_checkpointing(one_thread) -> None:
+    """The frozen base gives checkpointed blocks inputs that need no gradient: the adapters' must still arrive."""
+    x, c_noise, cond = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = backbone("unet_tiny")
+        net.gradient_checkpointing = checkpointing
+        LoRA(rank=4, init="random").apply(net).train()
+        net(x, c_noise, cond).square().mean().backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    assert all(g is not None and g.abs().max() > 0 for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g)
+
+
+def test_the_base_hash_reads_any_dtype() -> None:
+    from ldm.models.lora import weights_sha256
+
+    w = {"a": torch.ones(2, 3)}
+    assert weights_sha256({"a": w["a"].bfloat16()}) != weights_sha256(w) == weights_sha256({"a": torch.ones(2, 3)})
+    assert weights_sha256({"s": torch.tensor(1.0)}) != weights_sha256({"s": torch.tensor(2.0)})
