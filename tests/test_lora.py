@@ -141,6 +141,9 @@ def test_an_adapter_of_another_architecture_or_rank_is_refused_by_name(tmp_path:
     wider = hydra.utils.instantiate(OmegaConf.load(Path(CONF_DIR) / "model/backbone/unet_tiny.yaml"), model_channels=64)
     with pytest.raises(ValueError, match="model_channels=32 there, 64 here"):
         attach_adapter(wider, out)
+    checkpointed = backbone("unet_tiny")
+    checkpointed.gradient_checkpointing = True  # a training switch, not another architecture
+    attach_adapter(checkpointed, out)
     rank8 = LoRA(rank=8).apply(backbone("unet_tiny"))
     with pytest.raises(ValueError, match=r"does not fit this UNet's adapters: shapes differ for "
                                          r"\['down.0.attn.0.blocks.0.attn1.qkv.lora_A.weight \(4, 32\) vs \(8, 32\)"):

@@ -32,6 +32,8 @@ ADAPTER_FILE, CARD_FILE, FORMAT = "lora.safetensors", "lora.json", "ldm-lora"
 # peft's `init_lora_weights`: B = 0 for the first two (the adapted model starts as the base model); "random" draws B
 # too, so the adapter changes outputs from the start (tests of merging and saving need that).
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+# Backbone settings that change training, not the weights or what they compute at sampling time.
+_TRAINING_ONLY = {"gradient_checkpointing", "dropout"}
 
 
 class LoRA:
@@ -193,7 +195,7 @@ def attach_adapter(backbone: nn.Module, path: str | Path, scale: float = 1.0, me
     base weights of the same architecture (a fine-tune) is allowed with a warning."""
     card, state = read_adapter(path)
     own = architecture(backbone)
-    differ = {k: (card["backbone"].get(k), own.get(k)) for k in {*own, *card["backbone"]}
+    differ = {k: (card["backbone"].get(k), own.get(k)) for k in {*own, *card["backbone"]} - _TRAINING_ONLY
               if _normal(card["backbone"].get(k)) != _normal(own.get(k))}
     if differ:
         raise ValueError(f"The LoRA {path} was trained for another backbone: "
