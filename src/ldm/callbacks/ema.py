@@ -23,7 +23,8 @@ class EMA(L.Callback):
     """EMA of `pl_module.<attribute>` with the warm-up decay `min(decay, (1 + n) / (10 + n))`.
 
     The average is used for validation (weights are swapped in and out) and is what samplers load as
-    "EMA weights".
+    "EMA weights". Parameters frozen when fitting starts (a LoRA run's base backbone) are their own average: the
+    EMA holds them as views of the live tensors, not copies, so they cost no memory and no update time.
     """
 
     def __init__(self, attribute: str = "backbone", decay: float = 0.9999, start_step: int = 0,
@@ -34,6 +35,7 @@ class EMA(L.Callback):
         self.every_n_steps, self.warmup, self.validate_with_ema = every_n_steps, warmup, validate_with_ema
         self.ema: dict[str, torch.Tensor] | None = None  # the averaged state dict of the target
         self._params: set[str] = set()
+        self._frozen: set[str] = set()  # entries that are views of the live tensors
         self._live: dict[str, torch.Tensor] = {}
         self.num_updates = 0
         self._pending_state: dict[str, Any] | None = None
@@ -56,15 +58,16 @@ class EMA(L.Callback):
         target = self._target(pl_module)
         named = {**dict(target.named_buffers()), **dict(target.named_parameters())}
         self._live = {k: named[k] for k in target.state_dict()}  # the saved entries, as the live tensors
-        self._params = {name for name, _ in target.named_parameters()}
-        self.ema = {k: v.detach().clone() for k, v in self._live.items()}
+        self._params = {name for name, p in target.named_parameters() if p.requires_grad}
+        self._frozen = {name for name, p in target.named_parameters() if not p.requires_grad}
+        self.ema = {k: v.detach() if k in self._frozen else v.detach().clone() for k, v in self._live.items()}
         if self._pending_state is not None:
             self._load_into_ema(self._pending_state)
             self._pending_state = None
 
     def _pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(name, average, live tensor) for every entry of the target's state dict."""
-        return [(k, e, self._live[k]) for k, e in self.ema.items()]
+        """(name, average, live tensor) for every entry of the target's state dict but the frozen parameters."""
+        return [(k, e, self._live[k]) for k, e in self.ema.items() if k not in self._frozen]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -130,4 +133,5 @@ class EMA(L.Callback):
             raise ValueError(f"The checkpoint's EMA of {self.attribute!r} does not match the model: missing "
                              f"{sorted(set(self.ema) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(self.ema))[:5]}")
         for k, e in self.ema.items():
-            copy_full_into(e, saved[k])
+            if k not in self._frozen:  # a frozen parameter's average is the live weight itself
+                copy_full_into(e, saved[k])

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm.conf import CONF_DIR
 from ldm.inference.loading import load_pipeline
+from ldm.inference.lora import add_lora
 from ldm.inference.pipeline import LatentDiffusionPipeline
 from ldm.inference.sampling_options import SamplingOptions
 from ldm.utils.argv import quote_text_overrides
@@ -71,6 +72,8 @@ def run(cfg: DictConfig) -> list[Path]:
     options = SamplingOptions.from_config(cfg)  # a wrong sampler, option or interval fails before the model loads
     device = resolve_device(cfg.device)
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
+    if cfg.get("lora"):
+        add_lora(pipeline, cfg.lora, float(cfg.lora_scale))
     image = load_image(cfg.image) if cfg.image else None
     mask = load_image(cfg.mask, "L") if cfg.mask else None
     if mask is not None and image is None:
@@ -137,6 +140,8 @@ def _record(cfg: DictConfig, options: SamplingOptions, pipeline: LatentDiffusion
     record = {"prompt": prompt, "seed": seed, "negative_prompt": cfg.negative_prompt, **options.record(),
               "height": int(height), "width": int(width), "ckpt": str(Path(cfg.ckpt).resolve()),
               "weights": pipeline.weights, "ema": cfg.ema, "config": cfg.config, "autoencoder": cfg.autoencoder}
+    if cfg.get("lora"):
+        record.update(lora=str(Path(cfg.lora).resolve()), lora_scale=float(cfg.lora_scale))
     if cfg.image:
         record.update(image=str(Path(cfg.image).resolve()), strength=strength)
     if cfg.mask:

@@ -27,6 +27,7 @@ from ldm.models.autoencoder.export import (
     weights_hash,
 )
 from ldm.models.autoencoder.kl import AutoencoderKL
+from ldm.models.lora import merged_weights
 from ldm.utils.checkpoint import read_checkpoint, upgrade_model_config, upgrade_stage2_checkpoint
 from ldm.utils.logging import get_logger
 
@@ -72,8 +73,15 @@ def backbone_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[st
     if ema and averaged is None:
         raise ValueError(f"{path} holds no EMA weights; pass ema=false for the raw ones.")
     if averaged is not None and ema is not False:
-        return dict(averaged[0]), f"ema ({averaged[1]} updates)"
-    return {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}, "raw"
+        return _merge_lora(dict(averaged[0]), ckpt), f"ema ({averaged[1]} updates)"
+    raw = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    return _merge_lora(raw, ckpt), "raw"
+
+
+def _merge_lora(backbone: dict[str, torch.Tensor], ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A LoRA run's backbone weights (`ckpt['ldm']['lora']`) with the adapters merged in; others as they are."""
+    meta = ckpt.get("ldm", {})
+    return merged_weights(backbone, meta["backbone"], meta["lora"]) if meta.get("lora") else backbone
 
 
 def recorded_backbone(path: str | Path) -> dict[str, Any] | None:
@@ -160,6 +168,8 @@ def _load_lightning(path: Path, config: Path | None, ema: bool | None
     weights = "raw"
     if averaged is not None and ema is not False:
         backbone, weights = averaged[0], f"ema ({averaged[1]} updates)"
+    if meta.get("lora"):
+        backbone, weights = _merge_lora(backbone, ckpt), f"{weights}, LoRA merged"
     return upgrade_model_config(cfg.model), {"backbone": backbone, "text_encoder": text}, cfg.get("data"), weights, run_config, \
         meta.get("autoencoder_sha256")
 

@@ -21,6 +21,7 @@ from ldm.lightning.sharding import full_tensor, is_sharded, shard_backbone
 from ldm.models.autoencoder.export import autoencoder_mismatch, weights_hash
 from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.backbone import Conditioning, check_backbone
+from ldm.models.lora import LoRA
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.checkpoint import check_architecture, config_mismatches, upgrade_stage2_checkpoint
 from ldm.utils.flops import count_flops
@@ -126,6 +127,8 @@ class DiffusionModule(L.LightningModule):
         channels_last: keep the backbone's weights in NHWC, usually faster for convolutions on recent GPUs.
         val_logsnr_bins: log-SNR values at which validation measures the x0-space error, identical for every
             schedule and parameterization so that sweeps compare on the same footing.
+        lora: train low-rank adapters (`ldm.models.lora.LoRA`) on the backbone instead of the backbone: its own
+            weights stay frozen (after `init_from` has loaded them) and the optimizer sees only the adapters.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         init_from: str | None = None,
         init_ema: bool | None = None,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -152,6 +156,9 @@ class DiffusionModule(L.LightningModule):
         check_compatible(autoencoder, backbone, text_encoder)
         if init_from is not None:  # weights only: the optimizer, data, schedule and step count start afresh
             load_initial_weights(backbone, init_from, init_ema)
+        self.lora = lora
+        if lora is not None:  # after init_from (base weights under their plain names), before compile
+            lora.apply(backbone)
         self.backbone, self.text_encoder = backbone, text_encoder
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         # Frozen, so hashed once: recorded in every checkpoint, so that sampling, evaluation and resuming refuse
@@ -188,6 +195,9 @@ class DiffusionModule(L.LightningModule):
         mesh = self._device_mesh
         if mesh is None or is_sharded(self.backbone):
             return
+        if self.lora is not None:  # untested: FSDP2 units mixing frozen base weights and adapters
+            raise ValueError("model.lora with trainer=fsdp is not supported: use trainer=ddp (the frozen backbone "
+                             "holds no gradients or optimizer state, so each rank needs only its weights).")
         trainable = [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         if trainable:  # their gradients would never be reduced across ranks
             raise ValueError(f"trainer=fsdp shards only the backbone, but {trainable[:3]} also train; freeze them "
@@ -329,6 +339,8 @@ class DiffusionModule(L.LightningModule):
                              "nonfinite": self.guard.state_dict()}
         if self.run_config is not None:
             checkpoint["ldm"]["config"] = self.run_config
+        if self.lora is not None:  # the state dict then holds `<name>.base_layer.weight` and the adapters
+            checkpoint["ldm"]["lora"] = self.lora.describe()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = upgrade_stage2_checkpoint(checkpoint).get("ldm", {})
@@ -336,6 +348,11 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"This is a {meta['stage']!r} checkpoint; stage 2 resumes only diffusion checkpoints.")
         check_architecture(meta.get("backbone"), architecture(self.backbone), "backbone")
         check_architecture(meta.get("process"), self.process.describe(), "diffusion process")
+        own_lora = None if self.lora is None else self.lora.describe()
+        if meta.get("lora") != own_lora:
+            raise ValueError(f"The checkpoint was trained with LoRA {meta.get('lora')}, this model has {own_lora}: "
+                             "resume with the same model.lora settings (a new LoRA starts from it with "
+                             "model.init_from=<checkpoint> instead).")
         trained_with = meta.get("autoencoder_sha256")  # absent in checkpoints from before it was recorded
         if trained_with is not None and trained_with != self.autoencoder_sha256:
             raise autoencoder_mismatch(trained_with, self.autoencoder_sha256, "model.autoencoder.path")

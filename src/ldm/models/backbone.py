@@ -61,6 +61,8 @@ class Backbone(Protocol):
     size_multiple: latent H and W must be multiples of this (UNet: 2 ** downsamplings; DiT: the patch size).
     config: constructor arguments; `type(b)(**b.config)` builds the same architecture.
     blocks(): the repeated units (FSDP2 shards each, gradient checkpointing and regional compile wrap each).
+    lora_targets (optional, for `ldm.models.lora`): {"attention": suffixes, "mlp": suffixes} of the nn.Linear names
+        that take LoRA adapters.
     """
 
     in_channels: int

@@ -83,6 +83,10 @@ class DiT(nn.Module):
     every cross-attention output and the final projection, so the untrained net outputs 0.
     """
 
+    # LoRA targets (ldm.models.lora): module-name suffixes in every DiTBlock (not the caption projection)
+    lora_targets = {"attention": ("attn.qkv", "attn.out", "cross_attn.q", "cross_attn.kv", "cross_attn.out"),
+                    "mlp": ("mlp.fc1", "mlp.fc2")}
+
     def __init__(self, in_channels: int = 4, out_channels: int = 4, hidden_size: int = 1152, depth: int = 28,
                  num_heads: int = 16, patch_size: int = 2, context_dim: int = 1024, mlp_ratio: float = 4.0,
                  sample_size: int = 32, interpolation_scale: float = 1.0,

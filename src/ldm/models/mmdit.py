@@ -119,6 +119,10 @@ class MMDiT(nn.Module):
     MLPs, zero for every modulation and the final projection, so each block starts as the identity.
     """
 
+    # LoRA targets (ldm.models.lora): module-name suffixes in both streams (x: image, c: text) of every JointBlock
+    lora_targets = {"attention": ("x.qkv", "x.out", "c.qkv", "c.out"),
+                    "mlp": ("x.mlp.fc1", "x.mlp.fc2", "c.mlp.fc1", "c.mlp.fc2")}
+
     def __init__(self, in_channels: int = 16, out_channels: int = 16, hidden_size: int = 1536, depth: int = 24,
                  num_heads: int = 24, patch_size: int = 2, context_dim: int = 4096, pooled_dim: int = 2048,
                  mlp_ratio: float = 4.0, qk_norm: Literal["rms_norm"] | None = None, sample_size: int = 128,

@@ -55,6 +55,10 @@ class UNet(nn.Module):
     so each residual branch starts as the identity and the untrained net outputs 0; the rest is PyTorch's default.
     """
 
+    # LoRA targets (ldm.models.lora): module-name suffixes in every BasicTransformerBlock
+    lora_targets = {"attention": ("attn1.qkv", "attn1.out", "attn2.q", "attn2.kv", "attn2.out"),
+                    "mlp": ("ff.proj", "ff.out")}
+
     def __init__(self, in_channels: int = 4, out_channels: int = 4, model_channels: int = 320,
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attention_levels: Sequence[int] = (0, 1, 2), num_heads: int | None = None,
