@@ -153,14 +153,21 @@ def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
     return bf16_peak_flops(device)
 
 
-def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def setup(preset: str, args: argparse.Namespace, device: torch.device
+          ) -> tuple[DiffusionModule, torch.optim.Optimizer, tuple[int, int, str, torch.dtype | None]]:
+    """The module and its optimizer, and (resolution, batch, text tower, autocast dtype) from the preset's defaults
+    for this device and the arguments."""
     cuda = device.type == "cuda"
     resolution = args.resolution or PRESETS[preset][3][int(cuda)]
     batch = args.batch or PRESETS[preset][4][int(cuda)]
     text = args.text or PRESETS[preset][5][int(cuda)]
-    autocast = torch.bfloat16 if args.dtype == "bf16" else None
     module = build(preset, text, device)
-    optimizer = module.configure_optimizers()
+    return module, module.configure_optimizers(), (resolution, batch, text,
+                                                   torch.bfloat16 if args.dtype == "bf16" else None)
+
+
+def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    module, optimizer, (resolution, batch, text, autocast) = setup(preset, args, device)
     data = make_batches(module, args.batches, batch, resolution, device)
     flops = forward_flops(module, data["images (encoded on the fly)"][0], autocast)
     step = make_step(module, optimizer, autocast)
@@ -189,13 +196,7 @@ def ablate(preset: str, args: argparse.Namespace, device: torch.device) -> list[
     """What each speed option buys, cumulatively, on cached latents: the plain step, then the frozen text encoder's
     prompt cache (`model.text_encoder.cache_size`), channels_last (`model.channels_last`), and regional compilation
     (`model.compile_backbone=blocks`), each added to the previous ones on the same module and batches."""
-    cuda = device.type == "cuda"
-    resolution = args.resolution or PRESETS[preset][3][int(cuda)]
-    batch = args.batch or PRESETS[preset][4][int(cuda)]
-    text = args.text or PRESETS[preset][5][int(cuda)]
-    autocast = torch.bfloat16 if args.dtype == "bf16" else None
-    module = build(preset, text, device)
-    optimizer = module.configure_optimizers()
+    module, optimizer, (resolution, batch, text, autocast) = setup(preset, args, device)
     batches = make_batches(module, args.batches, batch, resolution, device)["cached latents"]
     train_flops = 3 * forward_flops(module, make_batches(module, 1, batch, resolution, device)
                                     ["images (encoded on the fly)"][0], autocast)["unet"]

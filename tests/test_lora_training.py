@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from test_diffusion_module import parts
 
 from ldm.callbacks.ema import EMA
 from ldm.diffusion.losses import DenoisingLoss
@@ -18,22 +19,13 @@ from ldm.diffusion.process import DiffusionProcess
 from ldm.diffusion.schedules import CosineSchedule
 from ldm.inference.loading import backbone_weights
 from ldm.lightning.diffusion_module import DiffusionModule
-from ldm.models.autoencoder.kl import AutoencoderKL
 from ldm.models.lora import LoRA, adapter_state_dict, base_state_dict, merge_lora, rebuild
-from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
-from ldm.models.unet.unet import UNet
 
 
 def module(lora: LoRA | None = LoRA(rank=4), **kw) -> DiffusionModule:
-    torch.manual_seed(0)
-    ae = AutoencoderKL(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
-                       mid_attention=False, norm_groups=4)
-    ae.set_latent_stats(0.7, torch.zeros(4), torch.ones(4))
-    unet = UNet(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attention_levels=(1,), num_heads=None, head_channels=8, context_dim=64, norm_groups=4)
+    ae, unet, text = parts()
     for p in unet.parameters():  # SD's zero-initialised output convs would hide the adapters' effect
         torch.nn.init.normal_(p, std=0.05)
-    text = OpenCLIPTextEncoder(model_name="ldm-tiny-text", pretrained=None)
     schedule = CosineSchedule()
     return DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae,
                            process=DiffusionProcess(schedule, VPrediction(schedule)), loss=DenoisingLoss(),
