@@ -115,9 +115,17 @@ def test_sd2_config_gives_the_sd2_preset_and_parameter_count() -> None:
         ours.load_state_dict(convert_diffusers_unet(theirs.state_dict()), strict=True, assign=True)
 
 
-def test_sd1_config_gives_eight_heads() -> None:
+def test_sd1_config_gives_the_sd15_preset_and_parameter_count() -> None:
     kwargs = unet_kwargs_from_diffusers_config(SD1_CONFIG)
     assert kwargs["num_heads"] == 8 and kwargs["head_channels"] is None
+    preset = OmegaConf.to_container(OmegaConf.load(CONF / "unet_sd15.yaml"))
+    preset.pop("_target_")
+    preset.pop("gradient_checkpointing")
+    assert kwargs == {k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()}
+    with torch.device("meta"):
+        ours, theirs = UNet(**kwargs), UNet2DConditionModel(**SD1_CONFIG)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 859_520_964
+        ours.load_state_dict(convert_diffusers_unet(theirs.state_dict()), strict=True, assign=True)
     assert kwargs["context_dim"] == 768 and kwargs["use_linear_projection"] is False
 
 
