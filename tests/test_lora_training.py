@@ -69,6 +69,25 @@ def test_a_lora_run_changes_only_adapter_weights(tmp_path: Path, one_thread) -> 
     assert ema.ema[frozen].data_ptr() == live[frozen].data_ptr()
 
 
+def test_posthoc_ema_of_a_lora_run_averages_only_the_adapters(tmp_path: Path, one_thread) -> None:
+    from ldm.callbacks.posthoc_ema import PostHocEMA
+    from ldm.posthoc_ema import list_snapshots, reconstruct
+
+    m = module()
+    posthoc = PostHocEMA(sigma_rels=(0.05, 0.2), snapshot_every=2, snapshot_dir=str(tmp_path / "snapshots"))
+    fit(m, 2, [posthoc], tmp_path)
+    live = dict(m.backbone.named_parameters())
+    frozen = next(k for k, p in live.items() if not p.requires_grad)
+    lora_b = next(k for k in live if ".lora_B." in k)
+    for average in posthoc.averages:  # frozen weights: views of the live tensors, no copy per profile
+        assert average[frozen].data_ptr() == live[frozen].data_ptr()
+        assert average[lora_b].data_ptr() != live[lora_b].data_ptr()
+    assert len(list_snapshots(tmp_path / "snapshots")) == 2
+    rebuilt = reconstruct(tmp_path / "snapshots", 0.1).state_dict
+    assert torch.equal(rebuilt[frozen], live[frozen])  # taken as it is, not a least-squares mix of the snapshots
+    assert not torch.equal(rebuilt[lora_b], live[lora_b])
+
+
 class SeedEachStep(L.Callback):
     """The same noise at step n of any run: what is under test is the adapters', optimizer's and EMA's state, not
     the RNG's (tests/test_resume.py covers that through train.py)."""

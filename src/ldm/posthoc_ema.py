@@ -101,8 +101,11 @@ def snapshot_name(step: int) -> str:
 def save_snapshot(path: Path, step: int, averages: Sequence[Mapping[str, Tensor]], sigma_rels: Sequence[float],
                   buffers: Sequence[str]) -> None:
     """Write the averages (one state dict per profile) as `<profile>/<name>`, atomically (a kill mid-write leaves no
-    partial file)."""
-    tensors = {f"{i}/{k}": v.detach().cpu().contiguous() for i, avg in enumerate(averages) for k, v in avg.items()}
+    partial file). `buffers` (entries that are not averaged: buffers, frozen parameters) are the same in every
+    profile and are written once, under profile 0, where `reconstruct` reads them."""
+    skip = set(buffers)
+    tensors = {f"{i}/{k}": v.detach().cpu().contiguous() for i, avg in enumerate(averages) for k, v in avg.items()
+               if i == 0 or k not in skip}
     meta = {"step": str(step), "sigma_rels": json.dumps(list(sigma_rels)), "buffers": json.dumps(list(buffers))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

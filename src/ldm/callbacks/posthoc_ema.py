@@ -43,7 +43,8 @@ class PostHocEMA(L.Callback):
         self.averages: list[dict[str, torch.Tensor]] | None = None
         self.step = 0  # updates so far: the t of the last update
         self._live: dict[str, torch.Tensor] = {}
-        self._params: set[str] = set()
+        self._params: set[str] = set()  # the averaged entries: trainable parameters
+        self._frozen: set[str] = set()  # frozen parameters, held as views of the live tensors
         self._pending: dict[str, Any] | None = None
         self._last_snapshot = -1
 
@@ -56,8 +57,12 @@ class PostHocEMA(L.Callback):
             raise ValueError(f"PostHocEMA(attribute={self.attribute!r}): the LightningModule has no such submodule.")
         named = {**dict(target.named_buffers()), **dict(target.named_parameters())}
         self._live = {k: named[k] for k in target.state_dict()}  # DTensor shards under FSDP2: averaged elementwise
-        self._params = {name for name, _ in target.named_parameters()}
-        self.averages = [{k: v.detach().clone() for k, v in self._live.items()} for _ in self.sigma_rels]
+        # Parameters frozen when fitting starts (a LoRA run's base backbone) are their own average at every sigma_rel:
+        # views of the live tensors, as in the EMA callback, so they cost no memory and no update time.
+        self._params = {name for name, p in target.named_parameters() if p.requires_grad}
+        self._frozen = {name for name, p in target.named_parameters() if not p.requires_grad}
+        self.averages = [{k: v.detach() if k in self._frozen else v.detach().clone() for k, v in self._live.items()}
+                         for _ in self.sigma_rels]
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
@@ -65,7 +70,8 @@ class PostHocEMA(L.Callback):
 
     @rank_zero_only
     def _report(self, trainer: L.Trainer) -> None:
-        size = sum(full_size(v) for v in self._live.values()) * len(self.sigma_rels)
+        averaged = sum(full_size(v) for k, v in self._live.items() if k in self._params)
+        size = averaged * len(self.sigma_rels) + sum(full_size(v) for k, v in self._live.items() if k not in self._params)
         count = trainer.max_steps // self.snapshot_every if trainer.max_steps and trainer.max_steps > 0 else None
         total = f", {count} snapshots by max_steps={trainer.max_steps}: {count * size / 2**30:.2f} GiB" if count else ""
         log.info(f"Post-hoc EMA: sigma_rel {self.sigma_rels}, a snapshot every {self.snapshot_every} steps in "
@@ -83,7 +89,7 @@ class PostHocEMA(L.Callback):
             weight = 1.0 - ema_beta(self.step, gamma)  # 1 at t = 1: the average starts at the first step's weights
             torch._foreach_lerp_([a for a, _ in params], [v for _, v in params], weight)
             for k, v in live:
-                if k not in self._params:  # buffers follow the live model
+                if k not in self._params and k not in self._frozen:  # buffers follow the live model
                     average[k].copy_(v)
         if self.step % self.snapshot_every == 0:
             self._snapshot(trainer)
@@ -96,7 +102,7 @@ class PostHocEMA(L.Callback):
         self._last_snapshot = self.step
         full = [{k: full_tensor(v) for k, v in average.items()} for average in self.averages]  # a collective: all ranks
         if trainer.is_global_zero:
-            buffers = sorted(set(self._live) - self._params)
+            buffers = sorted(set(self._live) - self._params)  # and frozen parameters: not averaged, taken as they are
             save_snapshot(self.folder(trainer) / snapshot_name(self.step), self.step, full, self.sigma_rels, buffers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,7 +127,8 @@ class PostHocEMA(L.Callback):
         self._last_snapshot = self.step  # its snapshot, if due, was written before the checkpoint
         for average, saved in zip(self.averages, state["averages"]):
             for k, v in average.items():
-                copy_full_into(v, saved[k])
+                if k not in self._frozen:  # a frozen parameter's average is the live weight itself
+                    copy_full_into(v, saved[k])
 
 
 def full_size(t: torch.Tensor) -> int:
