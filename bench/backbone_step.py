@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ldm.models.backbone import Conditioning
 from ldm.models.convert_transformers import dit_to_diffusers, mmdit_to_diffusers
 from ldm.models.dit import DiT
+from ldm.utils.compile import compile_blocks
 from ldm.utils.device import resolve_device
 from ldm.utils.flops import BF16_PEAK_TFLOPS as PEAK_TFLOPS
 from ldm.utils.flops import CPU_SDPA_FLOPS
@@ -230,8 +231,7 @@ def run(backbone: str, args: argparse.Namespace, device: torch.device, peak: flo
     saved = {side: saved_mib(models[side], loss) for side, loss in losses.items()}
     if args.compile:  # regional: every transformer block of both sides; FLOPs and saved memory are the eager ones
         for model in models.values():
-            for block in model.transformer_blocks:
-                block.compile()
+            compile_blocks(model.transformer_blocks)
     for step, _ in fns.values():  # warm-up: allocator, AdamW states, kernel autotuning
         timed(step, args.warmup, device)
     times: dict[str, list[float]] = {side: [] for side in fns}

@@ -1,17 +1,19 @@
-"""The GPU suite (issue 15): every GPU figure the project reports, from one command, in about 8 minutes on one
-H100/H200, writing its results after every item so that a run cut short still leaves figures.
+"""The GPU suite (issue 15): every GPU figure the project reports, from one command that fits one 600 s call on a
+lent H100/H200 (`--budget`, 540 s by default), writing its results after every item so that a run cut short still
+leaves figures.
 
-Items (each a subprocess with its own time limit, so an out-of-memory error or a hang costs one item, not the run):
+Items, in the order they run (each a subprocess with its own time limit, so an out-of-memory error or a hang costs one
+item, not the run; those not measured on a GPU yet come first, so that a run cut short loses the others):
   stage2_b128      ldm_256 (kl_f8_c4 + UNet base) training step from cached latents in GPU memory, 256 px, bf16,
                    batch 128: img/s, UNet TFLOP/s, MFU (bench/stage2_step.py); also images encoded on the fly
-  stage2_ablate    the same at batch 256 with the speed options added one by one (prompt cache, channels_last,
-                   regional compile)
-  backbone_b2      DiT-B/2 and MMDiT (~130M) vs diffusers' PixArt/SD3 transformers, batch 128, regional compile
-  autoencoder      stage-1 kl_f8 training step at 256 px (bench/autoencoder_step.py)
-  sampling         text-to-image img/s, 30 dpmpp_2m steps with classifier-free guidance, vs diffusers
   train_e2e        `train.py experiment=ldm_256` for ~90 s on generated latent shards (data loading, logging, EMA,
                    checkpoint callbacks included): the throughput callback's img/s, and its ratio to stage2_b128
   fsdp_1gpu        `train.py experiment=ldm_256 trainer=fsdp trainer.devices=1` (NCCL, bf16) for a few steps
+  stage2_ablate    stage2 at batch 256 with the speed options added one by one: prompt cache, regional compile,
+                   channels_last, then the whole backbone compiled instead of its blocks
+  autoencoder      stage-1 kl_f8 training step at 256 px (bench/autoencoder_step.py)
+  backbone_b2      DiT-B/2 and MMDiT (~130M) vs diffusers' PixArt/SD3 transformers, batch 128, regional compile
+  sampling         text-to-image img/s, 30 dpmpp_2m steps with classifier-free guidance, vs diffusers
 
     python bench/gpu_suite.py                              # CUDA: results in bench/gpu_runs/<date>_<gpu>/
     python bench/gpu_suite.py --device cpu --smoke         # every item at toy size (tests/test_gpu_suite.py)
@@ -58,7 +60,7 @@ def stage2_ablate(a: argparse.Namespace, work: Path) -> list[str]:
         return _bench("stage2_step", "--device", "cpu", "--preset", "tiny", "--quick", "--batch", "4", "--ablate",
                       "text_cache,channels_last")
     return _bench("stage2_step", "--device", "cuda", "--dtype", "bf16", "--preset", "ldm_256", "--batch", "256",
-                  "--repeats", "2", "--steps", "4", "--ablate")
+                  "--repeats", "2", "--steps", "4", "--ablate", "text_cache,compile,channels_last,compile_full")
 
 
 def backbone_b2(a: argparse.Namespace, work: Path) -> list[str]:
@@ -107,11 +109,14 @@ def fsdp_1gpu(a: argparse.Namespace, work: Path) -> list[str]:
                   "++trainer.max_time=null")
 
 
-ITEMS: dict[str, tuple[Command, int]] = {  # name -> (command, time limit in seconds on CUDA)
-    "stage2_b128": (stage2_b128, 90), "stage2_ablate": (stage2_ablate, 150), "backbone_b2": (backbone_b2, 150),
-    "autoencoder": (autoencoder, 60), "sampling": (sampling, 75), "train_e2e": (train_e2e, 180),
-    "fsdp_1gpu": (fsdp_1gpu, 120),
+# name -> (command, time limit in seconds on CUDA), in the order they run: the figures not yet measured on a GPU
+# first (after stage2_b128, the reference of train_e2e's ratio), so that a run cut short by --budget loses the others
+ITEMS: dict[str, tuple[Command, int]] = {
+    "stage2_b128": (stage2_b128, 90), "train_e2e": (train_e2e, 180), "fsdp_1gpu": (fsdp_1gpu, 120),
+    "stage2_ablate": (stage2_ablate, 270), "autoencoder": (autoencoder, 60), "backbone_b2": (backbone_b2, 150),
+    "sampling": (sampling, 75),
 }
+MIN_ITEM_S = 30  # an item given less than this (CUDA start-up, model build) is not started
 NEEDS_DATA = {"train_e2e", "fsdp_1gpu"}
 
 
@@ -168,15 +173,14 @@ def write_results(out: Path, results: list[dict], header: str) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def run_item(name: str, a: argparse.Namespace, out: Path, work: Path) -> dict:
-    command, limit = ITEMS[name]
-    argv = command(a, work)
+def run_item(name: str, a: argparse.Namespace, out: Path, work: Path, limit: float) -> dict:
+    argv = ITEMS[name][0](a, work)
     start = time.perf_counter()
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     if a.smoke:
         env["OMP_NUM_THREADS"] = "1"
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit * a.time_scale, env=env, cwd=ROOT)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, env=env, cwd=ROOT)
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         rc, text = 124, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
@@ -208,12 +212,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     header = f"{gpu}, {'smoke (toy sizes)' if a.smoke else 'bf16'}, python {sys.version.split()[0]}"
     results: list[dict] = []
+    suite_start = time.perf_counter()
     if any(n in NEEDS_DATA for n in names):
         start = time.perf_counter()
         prepare_data(a, work)
         print(f"data prepared in {time.perf_counter() - start:.0f} s", flush=True)
     for name in names:
-        results.append(run_item(name, a, out, work))
+        limit = ITEMS[name][1] * a.time_scale
+        if a.budget:
+            left = a.budget - (time.perf_counter() - suite_start)
+            if left < MIN_ITEM_S:  # named in the results, so the next run can take them with --only
+                results.append({"item": name, "command": ITEMS[name][0](a, work), "rc": None, "wall_s": 0.0,
+                                "tables": [], "tail": [f"not run: {left:.0f} s of the {a.budget:.0f} s budget left"]})
+                write_results(out, results, header)
+                print(f"{name}: not run (budget)", flush=True)
+                continue
+            limit = min(limit, left)
+        results.append(run_item(name, a, out, work, limit))
         if name == "train_e2e" and results[-1].get("figures"):
             bench = next((bench_images_per_s("\n".join(r["tables"])) for r in results if r["item"] == "stage2_b128"),
                          None)
@@ -236,11 +251,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="results folder (default bench/gpu_runs/<date>_<gpu>)")
     p.add_argument("--work", default="", help="generated data and runs (default <out>/work)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies every item's time limit")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole suite (default 540 on CUDA, none on --smoke): each item's limit is cut "
+                        "to what is left, and items that would get under a minimum are listed as not run")
     a = p.parse_args(argv)
     if a.smoke and a.device == "cuda":
         a.device = "cuda" if _cuda() else "cpu"
     if a.smoke:
         a.time_scale = max(a.time_scale, 3.0)  # a busy 2-core CPU
+    if a.budget is None:
+        a.budget = 0.0 if a.smoke else 540.0  # one `run` call on a lent GPU may last 600 s
     return a
 
 

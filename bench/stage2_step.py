@@ -51,6 +51,7 @@ from ldm.diffusion.schedules import CosineSchedule, ScaledLinearSchedule
 from ldm.diffusion.weighting import MinSNR
 from ldm.lightning.diffusion_module import DiffusionModule
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
+from ldm.utils.compile import compile_blocks
 from ldm.utils.device import resolve_device
 from ldm.utils.flops import CPU_SDPA_FLOPS, bf16_peak_flops
 
@@ -61,7 +62,7 @@ PRESETS = {  # autoencoder yaml, UNet yaml, schedule, then (CPU, CUDA) defaults:
     "tiny": ("tiny", "tiny", "cosine", (32, 32), (64, 64), ("tiny", "tiny")),
     "ldm_256": ("kl_f8_c4", "base", "scaled_linear", (64, 256), (2, 32), ("tiny", "vit-h-14")),
 }
-ABLATIONS = ("text_cache", "channels_last", "compile")  # --ablate's options, in the order they are added
+ABLATIONS = ("text_cache", "compile", "channels_last", "compile_full")  # --ablate's default, in order
 CAPTIONS = ["a photograph of an astronaut riding a horse", "a red cube on a wooden table",
             "a watercolor painting of a lighthouse at dusk", "a close-up photo of a cat's face"]
 
@@ -193,37 +194,53 @@ def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> l
 
 
 def ablate(preset: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """What each speed option buys, cumulatively, on cached latents: the plain step, then the frozen text encoder's
-    prompt cache (`model.text_encoder.cache_size`), channels_last (`model.channels_last`), and regional compilation
-    (`model.compile_backbone=blocks`), each added to the previous ones on the same module and batches."""
+    """What each speed option buys, cumulatively, on cached latents: the plain step, then each option of
+    `args.ablate` added to the previous ones on the same module and batches. Options: `text_cache` (the frozen text
+    encoder's prompt cache, `model.text_encoder.cache_size`), `channels_last` (`model.channels_last`), `compile`
+    (regional: `model.compile_backbone=blocks`), `compile_full` (the whole backbone instead of its blocks:
+    `model.compile_backbone=full`), `cudagraphs` (the whole backbone compiled with mode="reduce-overhead": CUDA
+    graphs, which the sync-free step allows). Each row is printed as soon as it is measured."""
     module, optimizer, (resolution, batch, text, autocast) = setup(preset, args, device)
     batches = make_batches(module, args.batches, batch, resolution, device)["cached latents"]
     train_flops = 3 * forward_flops(module, make_batches(module, 1, batch, resolution, device)
                                     ["images (encoded on the fly)"][0], autocast)["unet"]
     step, peak = make_step(module, optimizer, autocast), peak_flops(args, device)
+    backbone = module.backbone
 
     def text_cache() -> None:
         module.text_encoder.cache_size = 4 * len(CAPTIONS)
 
     def channels_last() -> None:  # before the optimizer, whose fused step needs its states in the params' layout
         nonlocal step
-        module.backbone.to(memory_format=torch.channels_last)
+        backbone.to(memory_format=torch.channels_last)
         step = make_step(module, module.configure_optimizers(), autocast)
 
-    def compile_blocks() -> None:
-        for block in module.backbone.blocks():
-            block.compile()
+    def uncompile() -> None:  # undo nn.Module.compile (it only sets this attribute)
+        for m in backbone.modules():
+            m._compiled_call_impl = None
+
+    def compile_full(**options: object) -> None:
+        uncompile()
+        backbone.compile(backend=args.compile_backend, **options)
 
     options = {"text_cache": ("+ text encoder cache", text_cache), "channels_last": ("+ channels_last", channels_last),
-               "compile": ("+ compile blocks", compile_blocks)}
+               "compile": ("+ compile blocks", lambda: compile_blocks(backbone.blocks(), backend=args.compile_backend)),
+               "compile_full": ("+ compile whole backbone (not blocks)", compile_full),
+               "cudagraphs": ("+ CUDA graphs (whole backbone, reduce-overhead)",
+                              lambda: compile_full(mode="reduce-overhead"))}
+    unknown = set(args.ablate.split(",")) - set(options)
+    if unknown:
+        raise SystemExit(f"--ablate: unknown option(s) {sorted(unknown)}; options: {', '.join(options)}")
     rows = []
     for name, change in [("plain step", None), *(options[o] for o in args.ablate.split(","))]:
+        start = time.perf_counter()
         if change is not None:
             change()
-        timed(step, batches, args.warmup, device)
+        timed(step, batches, args.warmup, device)  # compiles, if the change asks for it
+        warmup_s = time.perf_counter() - start
         seconds = statistics.median(timed(step, batches, args.steps, device) for _ in range(args.repeats))
         achieved = train_flops / seconds
-        rows.append(dict(preset=preset, input=f"cached latents, {name}", batch=batch, resolution=resolution, text=text,
+        rows.append(dict(preset=preset, input=f"cached latents, {name} (warm-up {warmup_s:.0f} s)", batch=batch, resolution=resolution, text=text,
                          images_per_s=batch / seconds, ms_per_step=1e3 * seconds, tflops=achieved / 1e12,
                          mfu=achieved / peak if peak else None))
         print(rows[-1], flush=True)
@@ -282,6 +299,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (default: by GPU name)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, one repeat, one batch")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --ablate's compile options")
     p.add_argument("--ablate", nargs="?", const=",".join(ABLATIONS), default="",
                    help="cached latents only: the plain step, then each of these options added to the previous "
                         f"(comma-separated, in order; default {','.join(ABLATIONS)})")

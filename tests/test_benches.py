@@ -47,12 +47,17 @@ def test_stage2_step_reports_both_inputs(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_stage2_step_ablation_adds_each_option() -> None:
-    """--ablate adds the options cumulatively (compile is left out here: inductor takes ~80 s on 2 cores)."""
+    """--ablate adds the options cumulatively; the compile options through the "eager" backend (dynamo's capture and
+    the blocks/whole-backbone switch, without inductor's ~80 s of code generation on 2 cores)."""
     bench = _load("stage2_step")
-    rows = bench.main(["--preset", "tiny", "--quick", "--ablate", "text_cache,channels_last", "--batch", "4",
-                       "--threads", "1"])
-    assert [r["input"].split(", ")[1] for r in rows] == ["plain step", "+ text encoder cache", "+ channels_last"]
+    rows = bench.main(["--preset", "tiny", "--quick", "--ablate", "text_cache,channels_last,compile,compile_full",
+                       "--compile-backend", "eager", "--batch", "4", "--threads", "1"])
+    assert [r["input"].split(", ")[1].split(" (warm-up")[0] for r in rows] == [
+        "plain step", "+ text encoder cache", "+ channels_last", "+ compile blocks",
+        "+ compile whole backbone (not blocks)"]
     assert all(r["images_per_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown option"):
+        bench.main(["--preset", "tiny", "--quick", "--ablate", "text_cache,bogus", "--batch", "4", "--threads", "1"])
 
 
 @pytest.mark.slow

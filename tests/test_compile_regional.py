@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch._dynamo.testing import CompileCounter
 
 from ldm.models.backbone import Conditioning
+from ldm.utils.compile import compile_blocks, recompile_limit_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,3 +36,46 @@ def test_new_latent_sizes_reuse_the_compiled_blocks(name: str) -> None:
         frames.append(counter.frame_count)
     assert frames[2:] == [frames[1]] * 3, frames  # no compile after the first change of size
     assert frames[1] - frames[0] <= frames[0] < blocks, frames  # blocks of the same shapes share their graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unet_base", "unet_sd15"])
+def test_every_block_of_the_real_unets_is_compiled(name: str) -> None:
+    """The `base` and SD 1.5 UNets' ResBlocks come in 12 and more parameter-shape signatures sharing one forward, past
+    dynamo's default recompile limit of 8: plain `block.compile()` leaves the rest eager (dynamo raises here, where
+    it would warn once in a run), `compile_blocks` compiles every one, at every latent size."""
+    torch.manual_seed(0)
+    backbone = instantiate(OmegaConf.load(f"{CONF_DIR}/model/backbone/{name}.yaml"))
+    cond = Conditioning(torch.randn(1, 77, backbone.context_dim), None, torch.ones(1, 77, dtype=torch.bool))
+
+    def run(sizes: list[tuple[int, int]]) -> None:
+        for h, w in sizes:
+            backbone(torch.randn(1, backbone.in_channels, h, w), torch.tensor([10.0]), cond)
+
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+        torch._dynamo.reset()
+        for block in backbone.blocks():
+            block.compile(backend=CompileCounter())
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            run([(16, 16)])
+
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        limit = compile_blocks(backbone.blocks(), backend=counter)
+        assert limit > 8
+        s = 2 * backbone.downsampling  # no size 1 anywhere: dynamo specialises on it
+        run([(s, s), (s, 2 * s), (2 * s, 2 * s)])  # raises if any block falls back to eager
+        frames = counter.frame_count
+        run([(2 * s, s), (s, s)])
+        assert counter.frame_count == frames  # sizes seen in any order: no new graphs
+    assert torch._dynamo.config.recompile_limit == 8  # the patch restored the process-wide value
+
+
+def test_recompile_limit_counts_the_signatures_per_forward() -> None:
+    backbone = instantiate(OmegaConf.load(f"{CONF_DIR}/model/backbone/unet_base.yaml"))
+    blocks = backbone.blocks()
+    res = [b for b in blocks if type(b).__name__ == "ResBlock"]
+    widths = {(b.conv1.in_channels, b.conv1.out_channels) for b in res}  # the skip conv follows from the widths
+    assert len(widths) == 12
+    assert recompile_limit_for(blocks) == 2 * 12 + 8
+    assert recompile_limit_for(blocks[:1]) == 2 + 8

@@ -39,3 +39,17 @@ def test_unknown_items_are_named() -> None:
     spec.loader.exec_module(suite)
     with pytest.raises(SystemExit, match="unknown item"):
         suite.main(["--device", "cpu", "--smoke", "--only", "stage2_b128,bogus"])
+
+
+def test_items_past_the_budget_are_listed_as_not_run(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_suite_budget", ROOT / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    results = suite.main(["--device", "cpu", "--smoke", "--only", "autoencoder,sampling", "--budget", "5",
+                          "--out", str(tmp_path)])
+    assert [(r["item"], r["rc"]) for r in results] == [("autoencoder", None), ("sampling", None)]
+    assert "not run" in results[0]["tail"][0]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [i["item"] for i in written["items"]] == ["autoencoder", "sampling"]
+    assert suite.parse_args(["--device", "cpu", "--smoke"]).budget == 0.0  # no budget on the CPU smoke run
+    assert suite.parse_args([]).budget == 540.0

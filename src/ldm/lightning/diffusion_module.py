@@ -24,6 +24,7 @@ from ldm.models.backbone import Conditioning, check_backbone
 from ldm.models.lora import LoRA
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 from ldm.utils.checkpoint import check_architecture, config_mismatches, upgrade_stage2_checkpoint
+from ldm.utils.compile import compile_blocks
 from ldm.utils.flops import count_flops
 from ldm.utils.logging import get_logger
 
@@ -177,8 +178,7 @@ class DiffusionModule(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         # in place: parameter names (and so checkpoints) stay those of the plain backbone
         if compile_backbone == "blocks":
-            for block in check_backbone(self.backbone).blocks():
-                block.compile(backend=compile_backend)
+            compile_blocks(check_backbone(self.backbone).blocks(), backend=compile_backend)
         elif compile_backbone in (True, "full"):
             self.backbone.compile(backend=compile_backend)
         elif compile_backbone:
