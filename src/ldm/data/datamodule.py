@@ -32,6 +32,9 @@ class WebDataModule(L.LightningDataModule):
         metadata_filters: json thresholds, e.g. {"min_width": 256, "aesthetic": 5.0} (json[key] >= value).
         latents: the shards are a latent cache (scripts/cache_latents.py): batches carry "latent" instead of
             "image", and `cache_card` gives the cache's identity for stage 2 to check.
+        text_states: with a latent cache that holds its captions' text-encoder states (cache_latents.py
+            text_encoder=...), batches carry them ("text") and stage 2 runs no text encoder on them; false ignores
+            them. Stage 2 checks at start-up that they come from its own (frozen) text encoder.
         buckets: aspect-ratio buckets for training (validation stays square at `resolution`): True makes them
             (ldm.data.buckets.make_buckets(resolution, bucket_multiple, bucket_max_ratio)), a list gives (h, w)
             sizes, each side a multiple of `bucket_multiple` (the autoencoder's factor x the backbone's multiple).
@@ -50,7 +53,8 @@ class WebDataModule(L.LightningDataModule):
                  samples_per_shard: int | None = None, shuffle_buffer: int = 500, pin_memory: bool = False,
                  seed: int = 0, latents: bool = False, overfit_batches: int = 0,
                  buckets: bool | Sequence[Sequence[int]] = False, bucket_multiple: int = 64,
-                 bucket_max_ratio: float = 2.0, split: Literal["auto", "shard", "sample"] = "auto"):
+                 bucket_max_ratio: float = 2.0, split: Literal["auto", "shard", "sample"] = "auto",
+                 text_states: bool = True):
         super().__init__()
         self.save_hyperparameters(logger=False)  # in the checkpoint; loggers get them as data.* of the config
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -60,7 +64,7 @@ class WebDataModule(L.LightningDataModule):
         self.crop, self.flip, self.min_side, self.max_pixels = crop, flip, min_side, max_pixels
         self.metadata_filters = dict(metadata_filters) if metadata_filters else None
         self.samples_per_shard, self.shuffle_buffer, self.seed = samples_per_shard, shuffle_buffer, seed
-        self.pin_memory, self.latents = pin_memory, latents
+        self.pin_memory, self.latents, self.text_states = pin_memory, latents, text_states
         if overfit_batches < 0:
             raise ValueError(f"overfit_batches must be >= 0 (0: off), got {overfit_batches}")
         self.overfit_batches = overfit_batches
@@ -79,12 +83,17 @@ class WebDataModule(L.LightningDataModule):
         return {"resolution": self.resolution, "rank": rank, "world_size": world_size, "min_side": self.min_side,
                 "max_pixels": self.max_pixels, "metadata_filters": self.metadata_filters,
                 "samples_per_shard": self.samples_per_shard, "pin_memory": self.pin_memory, "seed": self.seed,
-                "latents": self.latents}
+                "latents": self.latents, "text_states": self.uses_text_states}
 
     def _cache_buckets(self) -> int | None:
         """A latent cache's number of sizes (its card's `buckets`), for the epoch length."""
         card = self.cache_card
         return len(card.get("buckets") or []) or None if card else None
+
+    @property
+    def uses_text_states(self) -> bool:
+        """Whether batches carry cached text states: a latent cache that holds them, and `text_states` true."""
+        return bool(self.text_states and (self.cache_card or {}).get("text_encoder"))
 
     @property
     def cache_card(self) -> dict | None:

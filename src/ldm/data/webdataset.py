@@ -51,6 +51,8 @@ SKIP_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "to
 SAMPLE_CAUSES = ("corrupt_image", "missing_image", "bad_caption", "too_small", "too_large", "filtered",
                  "corrupt_latent", "unbatched")
 LATENT_EXTENSION = "latent.npy"  # cached posterior of one image: (2, c, h, w) = (mean, std), see data/latent_cache
+# cached text-encoder states of its caption (optional): tokens (L, D), pooled (P,), mask (L,) bool
+TEXT_EXTENSIONS = ("text_tokens.npy", "text_pooled.npy", "text_mask.npy")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL's own DecompressionBombError starts
 SAMPLE_SPLIT_BELOW = 4  # split="auto": samples, not whole shards, are dealt to readers below this many shards each
@@ -249,12 +251,15 @@ def collate(samples: list[dict[str, Any]], skips: Counter) -> Batch:
     # Workers ship uint8 (4x less to copy) and default_collate stacks straight into shared memory, so the
     # hand-off to the main process copies nothing; ShardLoader converts to float there.
     field = "latent" if "latent" in samples[0] else "image"
-    return {
+    batch = {
         field: default_collate([s[field] for s in samples]),  # image (B, 3, H, W) uint8 | latent (B, 2, c, h, w)
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "skips": {cause: int(skips[cause]) for cause in SKIP_CAUSES},
     }
+    if "text" in samples[0]:  # cached text states: (tokens (B, L, D), pooled (B, P), mask (B, L)), a Conditioning's
+        batch["text"] = tuple(default_collate(list(f)) for f in zip(*(s["text"] for s in samples)))
+    return batch
 
 
 def _caption(raw: dict[str, Any]) -> str:
@@ -370,17 +375,36 @@ class ShardDataset(IterableDataset):
 
 
 class LatentShardDataset(ShardDataset):
-    """The same sharding, shuffling and skipping over latent shards written by `ldm.data.latent_cache`."""
+    """The same sharding, shuffling and skipping over latent shards written by `ldm.data.latent_cache`; with
+    `text_states`, each sample also carries its caption's cached text-encoder states ("text": tokens, pooled, mask),
+    and a record without them (or with unreadable ones) is skipped as corrupt_latent."""
+
+    def __init__(self, *args: Any, text_states: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.text_states = text_states
 
     def decode(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         caption = _caption(raw)
-        try:
-            latent = torch.from_numpy(np.load(io.BytesIO(raw[LATENT_EXTENSION]), allow_pickle=False))
-        except (KeyError, ValueError, OSError) as e:
-            raise SkipSample("corrupt_latent", repr(e)) from e
+        latent = _npy(raw, LATENT_EXTENSION)
         if latent.ndim != 4 or latent.shape[0] != 2 or not bool(latent.isfinite().all()):
             raise SkipSample("corrupt_latent", f"shape {tuple(latent.shape)} or non-finite values")
-        return {"latent": latent, "caption": caption, "key": raw["__key__"]}
+        sample = {"latent": latent, "caption": caption, "key": raw["__key__"]}
+        if self.text_states:
+            tokens, pooled, mask = (_npy(raw, ext) for ext in TEXT_EXTENSIONS)
+            if (tokens.ndim != 2 or pooled.ndim != 1 or mask.shape != tokens.shape[:1] or mask.dtype != torch.bool
+                    or not bool(tokens.isfinite().all() and pooled.isfinite().all())):
+                raise SkipSample("corrupt_latent", f"text states of shapes {tuple(tokens.shape)}, "
+                                                   f"{tuple(pooled.shape)}, {tuple(mask.shape)} or non-finite values")
+            sample["text"] = (tokens, pooled, mask)
+        return sample
+
+
+def _npy(raw: dict[str, Any], ext: str) -> torch.Tensor:
+    """One cached array of a record; a missing or unreadable one skips the sample as corrupt_latent."""
+    try:
+        return torch.from_numpy(np.load(io.BytesIO(raw[ext]), allow_pickle=False))
+    except (KeyError, ValueError, OSError) as e:
+        raise SkipSample("corrupt_latent", f"{ext}: {e!r}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,6 +424,8 @@ class ShardLoader:
         samples_per_shard: overrides the per-shard counts (for remote shards without `_stats.json`).
         latents: read latent shards (`ldm.data.latent_cache`): batches carry "latent" (B, 2, c, h, w) = posterior
             (mean, std) instead of "image"; resolution, crop and flip then play no part.
+        text_states: with latents, batches also carry the cached text-encoder states ("text": tokens (B, L, D),
+            pooled (B, P), mask (B, L)); records without them are skipped as corrupt_latent.
         buckets: aspect-ratio buckets, (h, w) sizes (ldm.data.buckets.make_buckets): each image is resized to cover
             the nearest and cropped by the least, and each batch holds one bucket. The epoch length then counts on
             the worst spread over buckets (see worker_batches); samples left in unfilled buckets are "unbatched".
@@ -418,7 +444,7 @@ class ShardLoader:
                  metadata_filters: dict[str, float] | None = None, samples_per_shard: int | None = None,
                  seed: int = 0, pin_memory: bool = False, latents: bool = False,
                  buckets: Sequence[tuple[int, int]] | None = None, num_buckets: int | None = None,
-                 split: Literal["auto", "shard", "sample"] = "auto"):
+                 split: Literal["auto", "shard", "sample"] = "auto", text_states: bool = False):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
@@ -441,7 +467,10 @@ class ShardLoader:
         self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
         self.max_pixels = max_pixels
         self.num_buckets = num_buckets or (len(buckets) if buckets else 1)
-        self.shard_dataset = (LatentShardDataset if latents else ShardDataset)(
+        if text_states and not latents:
+            raise ValueError("text_states=True needs latents=True: text states are cached in latent shards")
+        dataset = partial(LatentShardDataset, text_states=text_states) if latents else ShardDataset
+        self.shard_dataset = dataset(
             self.urls, batch_size=batch_size, transform=ImageTransform(resolution, crop, flip, buckets), mode=mode,
             rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
             drop_last=drop_last, min_side=min_side, max_pixels=max_pixels, metadata_filters=metadata_filters,

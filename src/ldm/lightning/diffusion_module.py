@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ldm.data.latent_cache import check_cache
+from ldm.data.latent_cache import check_cache, check_text_cache
 from ldm.diffusion.losses import DenoisingLoss
 from ldm.diffusion.process import DiffusionProcess
 from ldm.inference.loading import backbone_weights, recorded_backbone
@@ -223,9 +223,15 @@ class DiffusionModule(L.LightningModule):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.autoencoder.normalize(mean + std * eps)
 
-    def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0) -> tuple[Conditioning, Tensor]:
-        """The captions' conditioning, each caption replaced by the empty prompt with `drop_prob`; and which were."""
-        cond = self.text_encoder.encode(list(captions)).to(self.device)
+    def embed_captions(self, captions: Sequence[str], drop_prob: float = 0.0,
+                       cached: Sequence[Tensor] | None = None) -> tuple[Conditioning, Tensor]:
+        """The captions' conditioning, each caption replaced by the empty prompt with `drop_prob`; and which were.
+        `cached`: the batch's text states from a latent cache ("text": tokens, pooled, mask), used instead of running
+        the text encoder (on_fit_start checked that they are its own)."""
+        if cached is not None:
+            cond = Conditioning(*cached).to(self.device, torch.float32)
+        else:
+            cond = self.text_encoder.encode(list(captions)).to(self.device)
         if drop_prob == 0:  # draws nothing: validation must not move the global RNG (exact resume)
             return cond, torch.zeros(len(captions), dtype=torch.bool, device=self.device)
         drop = torch.rand(len(captions), device=self.device) < drop_prob
@@ -238,6 +244,8 @@ class DiffusionModule(L.LightningModule):
         check_latent_size(getattr(datamodule, "resolution", None), self.autoencoder, self.backbone, buckets)
         if card is not None:  # training from a latent cache: it must come from this very autoencoder
             check_cache(card, self.autoencoder_sha256, f"the latent cache {card.get('path', '')}")
+            if getattr(datamodule, "uses_text_states", False):  # and its text states from this text encoder
+                check_text_cache(card["text_encoder"], self.text_encoder, f"the latent cache {card.get('path', '')}")
 
     @torch.no_grad()
     def training_flops_per_sample(self, latent_hw: tuple[int, int]) -> float:
@@ -253,7 +261,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         z = self.latents(batch)  # (B, c, H/f, W/f)
-        cond, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob)
+        cond, dropped = self.embed_captions(batch["caption"], self.cond_drop_prob, batch.get("text"))
         out = self.loss(self.backbone, z, cond, schedule=self.process.schedule(*z.shape[-2:]))
         loss = out.loss.mean()
         # Not decided here: a NaN/Inf loss makes the gradient norm non-finite too, and configure_gradient_clipping
@@ -302,7 +310,7 @@ class DiffusionModule(L.LightningModule):
         # resumed from a checkpoint continues with the random stream of an uninterrupted one.
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         z = self.latents(batch, generator)
-        cond, _ = self.embed_captions(batch["caption"])
+        cond, _ = self.embed_captions(batch["caption"], cached=batch.get("text"))
         bs = z.shape[0]
         loss = self.loss(self.backbone, z, cond, generator=generator, schedule=self.process.schedule(*z.shape[-2:]))
         self.log("val/loss", loss.loss.mean(), sync_dist=True, batch_size=bs)
