@@ -79,3 +79,28 @@ def test_recompile_limit_counts_the_signatures_per_forward() -> None:
     assert len(widths) == 12
     assert recompile_limit_for(blocks) == 2 * 12 + 8
     assert recompile_limit_for(blocks[:1]) == 2 + 8
+
+
+@pytest.mark.parametrize(("how", "mode"), [("blocks", "reduce-overhead"), ("full", "max-autotune"), ("blocks", None)])
+def test_the_compile_mode_reaches_every_compiled_module(how: str, mode: str | None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from functools import partial
+
+    from test_diffusion_module import parts
+
+    from ldm.diffusion.losses import DenoisingLoss
+    from ldm.diffusion.parameterization import VPrediction
+    from ldm.diffusion.process import DiffusionProcess
+    from ldm.diffusion.schedules import CosineSchedule
+    from ldm.lightning.diffusion_module import DiffusionModule
+
+    calls: list[tuple[type, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self), kw)))
+    ae, unet, text = parts()
+    schedule = CosineSchedule()
+    DiffusionModule(backbone=unet, text_encoder=text, autoencoder=ae, process=DiffusionProcess(
+        schedule, VPrediction(schedule)), loss=DenoisingLoss(), optimizer=partial(torch.optim.AdamW),
+        compile_backbone=how, compile_mode=mode)
+    expected = [type(b) for b in unet.blocks()] if how == "blocks" else [type(unet)]
+    assert [c for c, _ in calls] == expected
+    assert all(kw == {"backend": "inductor", **({"mode": mode} if mode else {})} for _, kw in calls)

@@ -190,3 +190,18 @@ def test_the_cache_cli_writes_text_states(cache: tuple[Path, DiffusionModule], t
     assert card["text_encoder"]["model_name"] == "ldm-tiny-text" and card["dtype"] == "float16"
     batch = first_batch(tmp_path / "out")
     assert batch["text"][0].dtype == torch.float16 and batch["text"][0].shape == (8, 77, 64)
+
+
+def test_latent_batches_are_pinned_by_the_loader_thread_on_cuda(cache: tuple[Path, DiffusionModule],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    latents, _ = cache
+    shards = str(latents / "val")
+
+    def pinned(pin_memory: bool, latents: bool = True) -> bool:
+        return ShardLoader(shards, batch_size=4, resolution=16, num_workers=0, latents=latents,
+                           pin_memory=pin_memory)._dataloader().pin_memory
+
+    assert not pinned(True)  # no CUDA here: nothing to pin for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pinned(True) and not pinned(False)
+    assert not pinned(True, latents=False)  # images: pinned after the float conversion, not as uint8

@@ -465,6 +465,7 @@ class ShardLoader:
         self.mode, self.rank, self.world_size, self.num_workers = mode, rank, world_size, num_workers
         self.batch_size, self.batches_per_epoch, self.drop_last = batch_size, batches_per_epoch, drop_last
         self.seed, self.shuffle, self.pin_memory, self.epoch = seed, shuffle, pin_memory, 0
+        self.latents = latents
         self.max_pixels = max_pixels
         self.num_buckets = num_buckets or (len(buckets) if buckets else 1)
         if text_states and not latents:
@@ -542,9 +543,12 @@ class ShardLoader:
         if self.num_workers and "forkserver" in mp.get_all_start_methods():
             context = mp.get_context("forkserver")
             context.set_forkserver_preload([__name__])  # the server imports torch and this module once, at start
+        # Latent batches are final as the workers collate them: the DataLoader pins them in its own thread, off the
+        # training loop's (images are converted to float first and pinned after, in _to_float).
+        pin = self.pin_memory and self.latents and torch.cuda.is_available()
         return DataLoader(self.shard_dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=init,
                           prefetch_factor=2 if self.num_workers else None, generator=generator,
-                          multiprocessing_context=context)
+                          multiprocessing_context=context, pin_memory=pin)
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         x = to_unit_range(x)  # (B, 3, H, W) float in [-1, 1]

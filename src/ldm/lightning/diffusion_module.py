@@ -125,6 +125,8 @@ class DiffusionModule(L.LightningModule):
         compile_backbone: `torch.compile` the backbone: True (or "full") compiles its whole forward, "blocks" each of
             its `blocks()` (regional compilation: one graph per distinct block, compiled once and reused, so it
             compiles in a fraction of the time and keeps working when the latent size changes).
+        compile_mode: torch.compile's mode for either: "reduce-overhead" (CUDA graphs, which the sync-free step
+            allows), "max-autotune", ...; None is inductor's default.
         channels_last: keep the backbone's weights in NHWC, usually faster for convolutions on recent GPUs.
         val_logsnr_bins: log-SNR values at which validation measures the x0-space error, identical for every
             schedule and parameterization so that sweeps compare on the same footing.
@@ -146,6 +148,7 @@ class DiffusionModule(L.LightningModule):
         max_nonfinite_steps: int = 20,
         compile_backbone: bool | Literal["full", "blocks"] = False,
         compile_backend: str = "inductor",
+        compile_mode: str | None = None,
         channels_last: bool = False,
         init_from: str | None = None,
         init_ema: bool | None = None,
@@ -177,10 +180,11 @@ class DiffusionModule(L.LightningModule):
         if channels_last:  # convolutions run NHWC; SDPA and linears are unaffected
             self.backbone.to(memory_format=torch.channels_last)
         # in place: parameter names (and so checkpoints) stay those of the plain backbone
+        mode = {"mode": compile_mode} if compile_mode else {}
         if compile_backbone == "blocks":
-            compile_blocks(check_backbone(self.backbone).blocks(), backend=compile_backend)
+            compile_blocks(check_backbone(self.backbone).blocks(), backend=compile_backend, **mode)
         elif compile_backbone in (True, "full"):
-            self.backbone.compile(backend=compile_backend)
+            self.backbone.compile(backend=compile_backend, **mode)
         elif compile_backbone:
             raise ValueError(f"compile_backbone must be false, true, 'full' or 'blocks', got {compile_backbone!r}")
 
