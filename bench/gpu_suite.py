@@ -114,7 +114,7 @@ def fsdp_1gpu(a: argparse.Namespace, work: Path) -> list[str]:
 ITEMS: dict[str, tuple[Command, int]] = {
     "stage2_b128": (stage2_b128, 90), "train_e2e": (train_e2e, 180), "fsdp_1gpu": (fsdp_1gpu, 120),
     "stage2_ablate": (stage2_ablate, 270), "autoencoder": (autoencoder, 60), "backbone_b2": (backbone_b2, 150),
-    "sampling": (sampling, 75),
+    "sampling": (sampling, 120),
 }
 MIN_ITEM_S = 30  # an item given less than this (CUDA start-up, model build) is not started
 NEEDS_DATA = {"train_e2e", "fsdp_1gpu"}

@@ -24,8 +24,9 @@ tiny text tower (77 x 64; the UNet's cross-attention width follows the text enco
 Timing: one call = prompts -> decoded images (text encoding, noise, sampling, VAE decode; model construction
 excluded), after one warm-up call per side; the two sides alternate, median of `--repeats` calls. With `--dtype bf16`
 ours runs the UNet under bf16 autocast and decodes in fp32 (`generate(precision="bf16")`); the diffusers loop does
-the same, and a second diffusers row runs as `StableDiffusionPipeline(torch_dtype=torch.bfloat16)` does (UNet, VAE
-and text encoder weights in bf16). The image check is the max |difference| of the [0, 1] images against ours: in
+the same; a second row compares diffusers run as `StableDiffusionPipeline(torch_dtype=torch.bfloat16)` does (UNet,
+VAE and text encoder weights in bf16) with ours so (`pipeline.cast_weights(torch.bfloat16)`, sample.py
+weights_dtype=bf16). The image check is the max |difference| of the [0, 1] images against ours: in
 fp32 about 1e-5 with the default dpmpp_2m / trailing (also euler, heun, ddim, unipc on scaled_linear); up to ~1e-3
 for Euler and Heun on the cosine schedule, whose first step from sigma_max ~ 2e4 cancels two large float32 numbers
 in a different order on each side; ~3e-3 on karras ladders for DPM-Solver / UniPC, where diffusers rounds the
@@ -248,35 +249,38 @@ def run_preset(preset: str, args: argparse.Namespace, device: torch.device) -> l
     scheduler = make_scheduler(args.sampler, args.spacing, parts["scheduler_kwargs"])
     common = dict(steps=args.steps, guidance=args.guidance)
 
-    def run_ours() -> Tensor:
-        out = ours.generate(prompts, seeds, sampler=args.sampler, spacing=args.spacing, height=resolution,
-                            width=resolution, precision=args.dtype, **common)
+    def run_ours(pipeline: LatentDiffusionPipeline) -> Tensor:
+        out = pipeline.generate(prompts, seeds, sampler=args.sampler, spacing=args.spacing, height=resolution,
+                                width=resolution, precision=args.dtype, **common)
         return (out.images + 1) / 2
 
     sides: dict[str, Callable[[], Tensor]] = {
-        "ours": run_ours,
+        "ours": partial(run_ours, ours),
         "diffusers": partial(diffusers_generate, parts["unet"], parts["vae"], parts["text_encoder"], scheduler,
                              prompts, seeds, size=resolution, autocast=torch.bfloat16 if bf16 else None, **common),
     }
+    pairs = [("ours", "diffusers")]  # (our side, the diffusers side it is compared with)
     if bf16:  # how diffusers is usually run: StableDiffusionPipeline.from_pretrained(..., torch_dtype=bfloat16)
         weights = {k: copy.deepcopy(parts[k]).to(torch.bfloat16) for k in ("unet", "vae", "text_encoder")}
         sides["diffusers bf16 weights"] = partial(diffusers_generate, weights["unet"], weights["vae"],
                                                   weights["text_encoder"], copy.deepcopy(scheduler), prompts, seeds,
                                                   size=resolution, **common)
+        # and ours the same way: sample.py weights_dtype=bf16
+        sides["ours bf16 weights"] = partial(run_ours, copy.deepcopy(ours).cast_weights(torch.bfloat16))
+        pairs.append(("ours bf16 weights", "diffusers bf16 weights"))
     images = {name: fn() for name, fn in sides.items()}  # warm-up (and the images to compare)
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, fn in sides.items():  # alternate, so drifts (clocks, other load) hit all alike
             times[name].append(timed(fn, device)[0])
 
-    ours_ips = batch / statistics.median(times["ours"])
     rows = []
-    for name in list(sides)[1:]:
-        theirs_ips = batch / statistics.median(times[name])
-        rows.append(dict(preset=preset, diffusers=name, batch=batch, steps=args.steps, resolution=resolution,
-                         text=text, ours=ours_ips, theirs=theirs_ips, ratio=ours_ips / theirs_ips,
-                         max_diff=(images["ours"] - images[name]).abs().max().item(),
-                         finite=bool(images["ours"].isfinite().all()), n_params=parts["n_params"]))
+    for mine, name in pairs:
+        ours_ips, theirs_ips = (batch / statistics.median(times[side]) for side in (mine, name))
+        rows.append(dict(preset=preset, ours_run=mine, diffusers=name, batch=batch, steps=args.steps,
+                         resolution=resolution, text=text, ours=ours_ips, theirs=theirs_ips,
+                         ratio=ours_ips / theirs_ips, max_diff=(images[mine] - images[name]).abs().max().item(),
+                         finite=bool(images[mine].isfinite().all()), n_params=parts["n_params"]))
     return rows
 
 
@@ -284,12 +288,13 @@ def print_table(rows: list[dict], args: argparse.Namespace, device_name: str) ->
     precision = "bf16 autocast (UNet), fp32 decode" if args.dtype == "bf16" else "fp32"
     print(f"\ntext-to-image on {device_name}, {precision}, {args.sampler} / {args.spacing}, guidance {args.guidance}, "
           f"median of {args.repeats} calls after a warm-up; img/s = batch / (prompts -> decoded images)")
-    print("| preset | diffusers run | batch | steps | px | text | ours img/s | diffusers img/s | ours/diffusers "
-          "| max abs diff [0, 1] |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| preset | ours run | diffusers run | batch | steps | px | text | ours img/s | diffusers img/s | "
+          "ours/diffusers | max abs diff [0, 1] |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['preset']} | {r['diffusers']} | {r['batch']} | {r['steps']} | {r['resolution']} | {r['text']} "
-              f"| {r['ours']:.2f} | {r['theirs']:.2f} | {r['ratio']:.3f} | {r['max_diff']:.1e} |")
+        print(f"| {r['preset']} | {r['ours_run']} | {r['diffusers']} | {r['batch']} | {r['steps']} | "
+              f"{r['resolution']} | {r['text']} | {r['ours']:.2f} | {r['theirs']:.2f} | {r['ratio']:.3f} | "
+              f"{r['max_diff']:.1e} |")
     for preset in dict.fromkeys(r["preset"] for r in rows):
         unet, ae = next(r["n_params"] for r in rows if r["preset"] == preset)
         print(f"{preset}: UNet {unet / 1e6:.2f}M, autoencoder {ae / 1e6:.2f}M parameters")

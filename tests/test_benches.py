@@ -31,7 +31,16 @@ def test_sample_throughput_matches_diffusers(preset: str, sampler: str, toleranc
     (row,) = bench.main(["--preset", preset, "--quick", "--sampler", sampler, "--threads", "1"])
     assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] > 0 and row["finite"]
     assert row["max_diff"] < tolerance
-    assert f"| {preset} | diffusers | 2 | 4 | {row['resolution']} |" in capsys.readouterr().out
+    assert f"| {preset} | ours | diffusers | 2 | 4 | {row['resolution']} |" in capsys.readouterr().out
+
+
+def test_sample_throughput_compares_bf16_weights_with_diffusers_bf16_weights() -> None:
+    bench = _load("sample_throughput")
+    rows = bench.main(["--preset", "tiny", "--quick", "--dtype", "bf16", "--threads", "1"])
+    assert [(r["ours_run"], r["diffusers"]) for r in rows] == [("ours", "diffusers"),
+                                                              ("ours bf16 weights", "diffusers bf16 weights")]
+    assert rows[0]["max_diff"] < 1e-3  # both under the same autocast
+    assert 0 < rows[1]["max_diff"] < 0.1 and rows[1]["finite"]  # both all-bf16, rounding in different places
 
 
 def test_stage2_step_reports_both_inputs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -69,6 +69,23 @@ def test_the_progress_bar_ends_its_line(tiny_ckpt: Path, tmp_path: Path, capfd: 
     assert "4/4" in bar and bar.endswith("\n") and err.count("sampling 3 images") >= 1
 
 
+def test_bf16_weights_are_recorded_and_a_bad_dtype_is_named_before_loading(tiny_ckpt: Path, tmp_path: Path,
+                                                                            one_thread) -> None:
+    from ldm.cli.sample import run
+
+    def cfg(dtype: str) -> object:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("sample", overrides=[f"ckpt={tiny_ckpt}", "prompt=a red circle", "num_images=1",
+                                                "steps=2", "device=cpu", f"out_dir={tmp_path / dtype}",
+                                                f"weights_dtype={dtype}"])
+
+    [png] = run(cfg("bf16"))
+    assert json.loads(png.with_suffix(".json").read_text())["weights_dtype"] == "bf16"
+    with pytest.raises(ValueError, match="weights_dtype must be one of"):
+        run(cfg("int8"))
+    assert not (tmp_path / "int8").exists()
+
+
 def test_sample_starts_without_lightning() -> None:
     """Sampling needs no Trainer: importing Lightning added ~3-8 s to every `scripts/sample.py` start."""
     code = ("import sys\n"

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ldm.conf import CONF_DIR
 from ldm.inference.loading import load_pipeline
 from ldm.inference.lora import add_lora
-from ldm.inference.pipeline import LatentDiffusionPipeline
-from ldm.inference.sampling_options import SamplingOptions
+from ldm.inference.pipeline import DTYPES, LatentDiffusionPipeline
+from ldm.inference.sampling_options import PRECISIONS, SamplingOptions
 from ldm.utils.argv import quote_text_overrides
 from ldm.utils.device import resolve_device
 from ldm.utils.images import image_grid, to_uint8
@@ -70,10 +70,14 @@ def run(cfg: DictConfig) -> list[Path]:
     if cfg.num_images < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {cfg.num_images} and {cfg.batch_size}")
     options = SamplingOptions.from_config(cfg)  # a wrong sampler, option or interval fails before the model loads
+    weights_dtype = cfg.get("weights_dtype") or "fp32"
+    if weights_dtype not in PRECISIONS:
+        raise ValueError(f"weights_dtype must be one of {PRECISIONS}, got {weights_dtype!r}")
     device = resolve_device(cfg.device)
     pipeline = load_pipeline(cfg.ckpt, ema=cfg.ema, config=cfg.config, autoencoder=cfg.autoencoder, device=device)
     if cfg.get("lora"):
         add_lora(pipeline, cfg.lora, float(cfg.lora_scale))
+    pipeline.cast_weights(DTYPES[weights_dtype])  # after the LoRA merge, which adds in float32
     image = load_image(cfg.image) if cfg.image else None
     mask = load_image(cfg.mask, "L") if cfg.mask else None
     if mask is not None and image is None:
@@ -139,7 +143,8 @@ def _record(cfg: DictConfig, options: SamplingOptions, pipeline: LatentDiffusion
     """Every setting that reproduces one image: `python scripts/sample.py` with these keys and num_images=1."""
     record = {"prompt": prompt, "seed": seed, "negative_prompt": cfg.negative_prompt, **options.record(),
               "height": int(height), "width": int(width), "ckpt": str(Path(cfg.ckpt).resolve()),
-              "weights": pipeline.weights, "ema": cfg.ema, "config": cfg.config, "autoencoder": cfg.autoencoder}
+              "weights": pipeline.weights, "ema": cfg.ema, "config": cfg.config, "autoencoder": cfg.autoencoder,
+              "weights_dtype": cfg.get("weights_dtype") or "fp32"}
     if cfg.get("lora"):
         record.update(lora=str(Path(cfg.lora).resolve()), lora_scale=float(cfg.lora_scale))
     if cfg.image:

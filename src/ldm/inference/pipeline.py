@@ -31,7 +31,7 @@ from ldm.models.backbone import Backbone, Conditioning
 from ldm.models.text_encoder.openclip import OpenCLIPTextEncoder
 
 Precision = Literal["fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, x, denoised latents)
 
 
@@ -66,6 +66,27 @@ class LatentDiffusionPipeline(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype of the backbone's weights: float32 unless `cast_weights` changed it."""
+        return next(self.backbone.parameters()).dtype
+
+    def cast_weights(self, dtype: torch.dtype) -> LatentDiffusionPipeline:
+        """Keep the backbone's, text encoder's and autoencoder's weights in `dtype` (bfloat16 / float16), in place:
+        what diffusers' `torch_dtype` does, half the memory, and no per-op weight casts under autocast (diffusers
+        sampled 1.42x faster so than under autocast on an H200, bench/RESULTS.md). Every forward then runs in that
+        dtype; the
+        latents, the sampler's arithmetic, the latent statistics (kept in float32: 0.18215 in bf16 would shift
+        every latent by 0.3%) and the images stay float32. For inference pipelines only: a training module's
+        sampling callback shares its parts."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"weights can be float32, bfloat16 or float16, got {dtype}")
+        self.backbone.to(dtype)
+        self.text_encoder.to(dtype)
+        for param in self.autoencoder.parameters():
+            param.data = param.data.to(dtype)
+        return self
 
     @property
     def latent_factor(self) -> int:
@@ -106,12 +127,14 @@ class LatentDiffusionPipeline(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalized latents, the posterior mean (deterministic)."""
-        return self.autoencoder.normalize(self.autoencoder.encode(images.to(self.device)).mode())
+        z = self.autoencoder.encode(images.to(self.device, self.weights_dtype)).mode()
+        return self.autoencoder.normalize(z.float())
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalized latents -> images in [-1, 1] (clamped)."""
-        return self.autoencoder.decode(self.autoencoder.denormalize(latents)).clamp(-1, 1)
+        """Normalized latents -> images in [-1, 1] (clamped), float32."""
+        z = self.autoencoder.denormalize(latents.float()).to(self.weights_dtype)
+        return self.autoencoder.decode(z).float().clamp(-1, 1)
 
     def sigmas(self, steps: int, spacing: str = "auto", latent_size: tuple[int, int] | None = None,
                sampler: str | None = None) -> Tensor:
@@ -234,14 +257,21 @@ class LatentDiffusionPipeline(nn.Module):
             warnings.warn(message, stacklevel=4)  # the caller of generate (past torch.no_grad's wrapper)
 
     def _autocast(self, denoiser: Denoiser, precision: Precision) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-        if precision == "fp32":
+        """The denoiser under autocast to `precision`, or to the weights' dtype when `cast_weights` lowered it."""
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        dtype = DTYPES[precision]
+        if self.weights_dtype != torch.float32:
+            if precision != "fp32" and dtype != self.weights_dtype:
+                raise ValueError(f"precision={precision} with {self.weights_dtype} weights: the weights fix the "
+                                 "precision; leave it at fp32 or match them")
+            dtype = self.weights_dtype
+        if dtype == torch.float32:
             return denoiser
         device_type = self.device.type
 
         def run(x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-            with torch.autocast(device_type, dtype=_DTYPES[precision]):
+            with torch.autocast(device_type, dtype=dtype):
                 return denoiser(x, sigma, cond).float()
 
         return run
