@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from test_sync_free_step import batches, fit, module
 
-from ldm.callbacks.throughput import Throughput
+from ldm.callbacks.throughput import MAX_MARKS, Throughput
 from ldm.utils.flops import bf16_peak_flops, count_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,3 +66,62 @@ def test_a_run_logs_perf_metrics(tmp_path) -> None:
 def test_bad_settings_are_refused(kwargs) -> None:
     with pytest.raises(ValueError, match="Throughput:"):
         Throughput(**kwargs)
+
+
+class _Clock:
+    """A host clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_the_forward_backward_share_is_what_the_step_spent_there(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step: forward 2, backward 1, then 1 in the optimizer hook (outside): a share of 3/4 in every report."""
+    import lightning.pytorch as L
+    from conftest import Lin
+
+    import ldm.callbacks.throughput as throughput
+
+    clock = _Clock()
+    monkeypatch.setattr(throughput, "time", clock)
+
+    class SlowBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            clock.now += 1.0
+            return grad
+
+    class Timed(Lin):
+        def training_step(self, batch, batch_idx):
+            clock.now += 2.0
+            return SlowBackward.apply(super().training_step(batch, batch_idx))
+
+    class Outside(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            clock.now += 1.0
+
+    trainer = L.Trainer(max_steps=9, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=4,
+                        callbacks=[Outside(), Throughput(warmup_steps=1)], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Timed(), train_dataloaders=torch.utils.data.DataLoader([torch.randn(8, 3) for _ in range(9)],
+                                                                       batch_size=None))
+    shares = [float(r["perf/fwd_bwd_share"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))
+              if r.get("perf/fwd_bwd_share")]
+    assert shares == [0.75, 0.75]
+
+
+def test_the_share_keeps_the_latest_steps_between_rare_reports() -> None:
+    cb = Throughput(warmup_steps=0)
+    trainer, module = SimpleNamespace(global_step=5), SimpleNamespace(device=torch.device("cpu"))
+    for _ in range(MAX_MARKS + 10):
+        cb.on_train_batch_start(trainer, module, None, 0)
+        cb.on_after_backward(trainer, module)
+    assert len(cb._marks) == MAX_MARKS
+    assert cb._fwd_bwd_share(time.perf_counter()) is not None and cb._marks == []  # read, then cleared

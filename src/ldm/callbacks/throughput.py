@@ -1,8 +1,10 @@
-"""Throughput and cost of a run, logged as it trains: images/s, model TFLOP/s and MFU, peak memory, and the GPU-hours
-and money the run will have cost when it reaches `max_steps`.
+"""Throughput and cost of a run, logged as it trains: images/s, model TFLOP/s and MFU, peak memory, the share of the
+step spent in forward + backward, and the GPU-hours and money the run will have cost when it reaches `max_steps`.
 
 Timed on the host between reports (every `log_every_n_steps`), without synchronising with the device: over many
-steps the host can run ahead of the GPU only by the launch queue's depth, so the rate is the device's."""
+steps the host can run ahead of the GPU only by the launch queue's depth, so the rate is the device's. The
+forward + backward share is timed on the device's own timeline (CUDA events at each step's start and after its
+backward, read back at the reports): what the rest (optimizer, EMA, logging, waiting for data) costs the GPU."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ldm.utils.flops import bf16_peak_flops
 from ldm.utils.logging import get_logger, logger_step
 
 log = get_logger(__name__)
+MAX_MARKS = 512  # steps whose events are kept for the forward + backward share
 
 
 class Throughput(L.Callback):
@@ -43,6 +46,16 @@ class Throughput(L.Callback):
         self._samples = 0
         self._flops = 0.0
         self._steps = 0
+        self._marks: list[list[Any]] = []  # [start, after backward] per step since the last report
+
+    @staticmethod
+    def _mark(pl_module: L.LightningModule) -> Any:
+        """A point on the device's timeline: a recorded CUDA event, or the host clock (CPU work is synchronous)."""
+        if pl_module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -53,6 +66,13 @@ class Throughput(L.Callback):
                              batch_idx: int) -> None:
         if self._start is None and trainer.global_step >= self.warmup_steps:
             self._start = time.perf_counter()
+        if self._start is not None:
+            self._marks = self._marks[1 - MAX_MARKS:]  # bounded between rare reports: the latest steps count
+            self._marks.append([self._mark(pl_module), None])
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._marks:
+            self._marks[-1][1] = self._mark(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -71,6 +91,9 @@ class Throughput(L.Callback):
             self._flops += size * base * hw[0] * hw[1] / (h0 * w0)
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             metrics = self.measure(trainer, pl_module)
+            share = self._fwd_bwd_share(self._mark(pl_module))
+            if share is not None:
+                metrics["perf/fwd_bwd_share"] = share
             for logger in trainer.loggers if trainer.is_global_zero else []:
                 logger.log_metrics(metrics, step=logger_step(trainer))
 
@@ -94,6 +117,21 @@ class Throughput(L.Callback):
             if self.price:
                 metrics["perf/cost_projected"] = hours * self.price
         return metrics
+
+
+    def _fwd_bwd_share(self, end: Any) -> float | None:
+        """Forward + backward time over step time, for the steps since the last report (ending at `end`); a report
+        step, so reading the events back (a synchronisation) is allowed here."""
+        marks, self._marks = [m for m in self._marks if m[1] is not None], []
+        if not marks:
+            return None
+        if isinstance(end, torch.cuda.Event):
+            end.synchronize()
+            total = marks[0][0].elapsed_time(end)
+            inside = sum(start.elapsed_time(after) for start, after in marks)
+        else:
+            total, inside = end - marks[0][0], sum(after - start for start, after in marks)
+        return inside / total if total > 0 else None
 
 
 def _batch_geometry(batch: Any, pl_module: L.LightningModule) -> tuple[int, tuple[int, int] | None]:
