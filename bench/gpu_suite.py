@@ -38,14 +38,14 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+PYTHON = [sys.executable]  # the interpreter (and its flags) of every item
 TABLE_ROW = re.compile(r"^\|.*\|\s*$")
 
 Command = Callable[[argparse.Namespace, Path], list[str]]
 
 
 def _bench(name: str, *args: str) -> list[str]:
-    return [PY, str(ROOT / "bench" / f"{name}.py"), *args]
+    return [*PYTHON, str(ROOT / "bench" / f"{name}.py"), *args]
 
 
 def stage2_b128(a: argparse.Namespace, work: Path) -> list[str]:
@@ -90,10 +90,10 @@ def _train(a: argparse.Namespace, work: Path, name: str, *extra: str) -> list[st
               f"data.root={data / 'latents'}", f"model.autoencoder.path={data / 'export'}", "data=latents",
               "trainer.log_every_n_steps=10", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"]
     if a.smoke:
-        return [PY, str(ROOT / "train.py"), "experiment=ldm_tiny", *common, "data.batch_size=4",
+        return [*PYTHON, str(ROOT / "train.py"), "experiment=ldm_tiny", *common, "data.batch_size=4",
                 "trainer.max_steps=12", "trainer.log_every_n_steps=4", "callbacks.throughput.warmup_steps=1",
                 "num_threads=1", *extra]
-    return [PY, str(ROOT / "train.py"), "experiment=ldm_256", *common, "data.resolution=256",
+    return [*PYTHON, str(ROOT / "train.py"), "experiment=ldm_256", *common, "data.resolution=256",
             f"data.batch_size={a.batch}", "model.text_encoder.pretrained=null", "trainer.max_steps=2000",
             "++trainer.max_time=00:00:01:30", "data.num_workers=4", *extra]
 
