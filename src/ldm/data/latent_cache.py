@@ -9,7 +9,7 @@ text states are cached; training refuses a cache made with another autoencoder o
 
 Text states are big: ViT-H-14's 77 x 1024 token states are 158 KiB per sample in float16 (10x a 32x32x4 posterior),
 so they suit fine-tuning sets (100k samples: 15 GiB), not web-scale pre-training, where the text forward (about a
-fifth of an eager `ldm_256` step on an H200) is better paid each step. SimpleTuner caches them the same way.
+sixth of an eager `ldm_256` step on an H200) is better paid each step. SimpleTuner caches them the same way.
 """
 
 from __future__ import annotations
