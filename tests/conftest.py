@@ -17,12 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 # The shard header-scan cache of this test session (and of the train.py processes it starts), not the user's.
 os.environ.setdefault("LDM_SCAN_CACHE", tempfile.mkdtemp(prefix="ldm_scan_cache_"))
+# One intra-op thread for the whole session, as the train.py processes below get (OMP_NUM_THREADS=1): two OpenMP
+# threads on a shared 2-core machine spin against the other process; measured, four stage-1/stage-2/LoRA test files
+# took 190-234 s with two threads and 36-70 s with one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine spin against other processes and ran
-    small-tensor tests 40-100x slower; one keeps them at seconds either way."""
+    """One intra-op thread for this test, whatever an earlier test set: two OpenMP threads on a shared 2-core machine
+    spin against other processes and ran small-tensor tests 40-100x slower; one keeps them at seconds either way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -307,15 +307,23 @@ def _yamls(group):
 
 def test_every_config_combination_builds_a_loss():
     groups = ["schedule", "parameterization", "weighting", "noise_levels"]
-    assert all(_yamls(g) for g in groups)
+    nodes = {g: {f.stem: OmegaConf.load(f) for f in _yamls(g)} for g in groups}  # each file parsed once
+    assert all(nodes.values())
+    # The parameterization interpolates the schedule (`${..schedule}`), so each such pair is built in one tree; a
+    # weighting or noise-level node holds only its own hyperparameters, so one instance serves every pair.
+    built = {g: {name: instantiate(node) for name, node in nodes[g].items()} for g in groups[2:]}
     x0 = torch.randn(2, 4, 8, 8)
-    for files in itertools.product(*(_yamls(g) for g in groups)):
-        cfg = OmegaConf.create({"diffusion": {g: OmegaConf.load(f) for g, f in zip(groups, files)}})
-        parts = instantiate(cfg.diffusion)
-        try:
-            loss_fn = DenoisingLoss(**parts)
-        except ValueError as err:  # ill-posed at an open end (rectified flow reaches SNR 0 and inf): refused by name
-            assert "not finite at the schedule's ends" in str(err) and files[0].stem == "rectified_flow", err
-            continue
-        out = loss_fn(lambda x, c_noise, context: x, x0, generator=torch.Generator().manual_seed(0))
-        assert out.loss.isfinite().all(), [f.stem for f in files]
+    for schedule, parameterization in itertools.product(nodes["schedule"], nodes["parameterization"]):
+        cfg = OmegaConf.create({"diffusion": {"schedule": nodes["schedule"][schedule],
+                                              "parameterization": nodes["parameterization"][parameterization]}})
+        pair = instantiate(cfg.diffusion)
+        for weighting, noise_levels in itertools.product(built["weighting"], built["noise_levels"]):
+            names = [schedule, parameterization, weighting, noise_levels]
+            try:
+                loss_fn = DenoisingLoss(**pair, weighting=built["weighting"][weighting],
+                                        noise_levels=built["noise_levels"][noise_levels])
+            except ValueError as err:  # ill-posed at an open end (rectified flow reaches SNR 0 and inf): refused by name
+                assert "not finite at the schedule's ends" in str(err) and schedule == "rectified_flow", err
+                continue
+            out = loss_fn(lambda x, c_noise, context: x, x0, generator=torch.Generator().manual_seed(0))
+            assert out.loss.isfinite().all(), names
